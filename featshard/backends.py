@@ -1,0 +1,165 @@
+"""Backends behind one contract: `backend.submit(spec) -> handle`, `handle.result(timeout)`, `backend.close()`.
+
+`inline` runs the unit of work in this process (tests, debugging); `pool` runs it in a spawn-context Pool, one
+process per device. The backend is chosen in exactly one place, `make_backend`; the coordinator never branches on it.
+A SIGKILLed pool worker is detected (its pid from the shard's progress file is gone while its result never came) and
+reported as `WorkerDied` instead of hanging forever the way a plain Pool does.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.pool
+import signal
+import time
+from typing import Any, Callable, Protocol
+
+from featshard.errors import FeatshardError
+from featshard.progress import read_progress
+from featshard.worker import ShardResult, ShardSpec, extract_shard
+
+log = logging.getLogger("featshard.backends")
+BACKENDS = ("pool", "inline")
+
+
+class WorkerDied(FeatshardError):
+    """The process running a shard vanished (SIGKILL, OOM killer, segfault) before returning a result."""
+
+
+class Handle(Protocol):
+    spec: ShardSpec
+
+    def result(self, timeout: float | None = None) -> ShardResult:
+        """The shard's result; raises TimeoutError if not ready within `timeout`, or the worker's error."""
+
+
+class Backend(Protocol):
+    def submit(self, spec: ShardSpec) -> Handle: ...
+
+    def close(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+class InlineHandle:
+    def __init__(self, spec: ShardSpec, fn: Callable[[ShardSpec], ShardResult]) -> None:
+        self.spec, self._fn = spec, fn
+        self._value: ShardResult | None = None
+
+    def result(self, timeout: float | None = None) -> ShardResult:
+        if self._value is None:
+            self._value = self._fn(self.spec)
+        return self._value
+
+
+class InlineBackend:
+    """Runs shards one after another in this process, lazily, when their result is asked for."""
+
+    def __init__(self, fn: Callable[[ShardSpec], ShardResult] = extract_shard) -> None:
+        self._fn = fn
+
+    def submit(self, spec: ShardSpec) -> InlineHandle:
+        return InlineHandle(spec, self._fn)
+
+    def close(self) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+class _NoDaemonProcess(multiprocessing.get_context("spawn").Process):  # type: ignore[misc]
+    """Pool workers are daemonic by default, and daemonic processes may not start DataLoader workers."""
+
+    @property
+    def daemon(self) -> bool:
+        return False
+
+    @daemon.setter
+    def daemon(self, value: bool) -> None:
+        pass
+
+
+class _SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):  # type: ignore[misc]
+    Process = _NoDaemonProcess
+
+
+def _worker_init() -> None:
+    # The coordinator owns Ctrl-C: it stops workers itself and tells the user how to resume.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class PoolHandle:
+    def __init__(self, spec: ShardSpec, async_result: Any, grace: float, start_timeout: float) -> None:
+        self.spec, self._ar = spec, async_result
+        self._submitted = time.time()
+        self._grace, self._start_timeout = grace, start_timeout
+        self._dead_since: float | None = None
+
+    def result(self, timeout: float | None = None) -> ShardResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ar.ready():
+                return self._ar.get()
+            self._check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(self.spec.shard.name)
+            self._ar.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic())))
+
+    def _check_alive(self) -> None:
+        prog = read_progress(self.spec.run_dir, self.spec.shard.name)
+        pid = prog.get("pid") if prog and prog.get("started", 0) >= self._submitted - 1 else None
+        if pid is None:
+            if time.time() - self._submitted > self._start_timeout:
+                raise WorkerDied(f"{self.spec.shard.name}: no worker started it within {self._start_timeout:.0f} s")
+            return
+        if _alive(int(pid)):
+            self._dead_since = None
+            return
+        self._dead_since = self._dead_since or time.monotonic()
+        if time.monotonic() - self._dead_since > self._grace and not self._ar.ready():
+            raise WorkerDied(f"{self.spec.shard.name}: worker pid {pid} on {self.spec.shard.device} died "
+                             "(killed, out of memory or crashed) before finishing")
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class PoolBackend:
+    """A spawn-context Pool, one process per device; each process runs one shard and is then replaced
+    (maxtasksperchild=1), so every shard starts in a fresh process that pins its device before CUDA starts."""
+
+    def __init__(self, processes: int, grace: float = 3.0, start_timeout: float = 600.0) -> None:
+        self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
+                                               maxtasksperchild=1, context=_SpawnNoDaemonContext())
+        self._grace, self._start_timeout = grace, start_timeout
+
+    def submit(self, spec: ShardSpec) -> PoolHandle:
+        def on_error(exc: BaseException) -> None:
+            log.error("%s failed in its worker: %s: %s", spec.shard.name, type(exc).__name__, exc)
+
+        ar = self._pool.apply_async(extract_shard, (spec,), error_callback=on_error)
+        return PoolHandle(spec, ar, self._grace, self._start_timeout)
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
+def make_backend(name: str, processes: int) -> Backend:
+    """The one place the backend is chosen."""
+    if name == "inline":
+        return InlineBackend()
+    if name == "pool":
+        return PoolBackend(processes)
+    raise FeatshardError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")

@@ -1,0 +1,65 @@
+"""Command line: `python -m featshard COMMAND ...`; every command lives in its own module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from featshard import __version__
+from featshard.errors import FeatshardError
+from featshard.logs import setup_logging
+
+log = logging.getLogger("featshard")
+
+# command name -> (module, one-line help). Each module defines add_arguments(parser) and command(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("featshard.coordinator", "extract features of an image list into HDF5 shards"),
+    "merge": ("featshard.merge", "build one faiss index from a run's shards"),
+    "search": ("featshard.search", "find the nearest images of query images"),
+    "verify": ("featshard.verify", "check that every input row is accounted for exactly once"),
+    "dedup": ("featshard.dedup", "find exact and near-duplicate groups"),
+    "add": ("featshard.add", "add another run's vectors to an existing index"),
+    "status": ("featshard.status", "per-shard progress of a run, live or after a crash"),
+    "slurm": ("featshard.slurm", "write (and submit) SLURM job-array scripts for a run"),
+    "bench": ("featshard.bench", "measure decode, model and end-to-end throughput side by side"),
+    "demo": ("featshard.demo", "build the embedded demo set and run run/merge/search on it"),
+}
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """Only the invoked command's module is imported (keeps `--help`, `status` and `--dry-run` light)."""
+    parser = argparse.ArgumentParser(prog="featshard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"featshard {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_command=module.command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if not getattr(args, "_command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._command(args))
+    except FeatshardError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130

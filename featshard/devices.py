@@ -1,0 +1,125 @@
+"""Device specs (`--gpus`), the visible-device map, and pinning a worker to its device before CUDA starts."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from featshard.errors import UsageError
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One worker's device: kind 'cuda' (index = position among the coordinator's visible GPUs) or 'cpu'."""
+
+    kind: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Device":
+        kind, _, idx = text.partition(":")
+        if kind not in ("cuda", "cpu") or not idx.isdigit():
+            raise UsageError(f"bad device {text!r}: expected cuda:N or cpu:N")
+        return cls(kind, int(idx))
+
+
+def visible_cuda_count() -> int:
+    """Number of CUDA devices this process can see (0 without CUDA). Does not create a CUDA context."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return 0
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def parse_gpus(spec: str | None, visible: int | None = None) -> list[Device]:
+    """Turn a `--gpus` spec into devices: '0-7', '0,2,5', '1-3,6', 'all', 'cpu', 'cpu:N'; None means the default."""
+    n_visible = visible_cuda_count() if visible is None else visible
+    if spec is None or spec == "":
+        spec = "all" if n_visible > 0 else "cpu"
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return [Device("cpu", 0)]
+    if spec.startswith("cpu:"):
+        count = spec[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"bad --gpus {spec!r}: cpu:N needs a worker count N >= 1")
+        return [Device("cpu", i) for i in range(int(count))]
+    if spec == "all":
+        if n_visible == 0:
+            raise UsageError("--gpus all: no CUDA device is visible; use --gpus cpu or cpu:N")
+        return [Device("cuda", i) for i in range(n_visible)]
+    return [Device("cuda", i) for i in _parse_index_list(spec, n_visible)]
+
+
+def _parse_index_list(spec: str, n_visible: int) -> list[int]:
+    indices: list[int] = []
+    for part in spec.split(","):
+        match = _RANGE.match(part.strip())
+        if not match:
+            raise UsageError(f"bad --gpus {spec!r}: expected e.g. 0-7, 0,2,5, 1-3,6, all, cpu or cpu:N")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise UsageError(f"bad --gpus {spec!r}: range {part} runs backwards")
+        indices.extend(range(lo, hi + 1))
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"bad --gpus {spec!r}: a device is listed twice")
+    missing = [i for i in indices if i >= n_visible]
+    if missing:
+        raise UsageError(f"--gpus {spec!r}: GPU {missing} not visible; {describe_visible(n_visible)}")
+    return indices
+
+
+def describe_visible(n_visible: int) -> str:
+    if n_visible == 0:
+        return "no CUDA device is visible (use --gpus cpu or cpu:N)"
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    extra = f" (CUDA_VISIBLE_DEVICES={env})" if env is not None else ""
+    return f"visible GPUs: 0-{n_visible - 1}{extra}"
+
+
+def physical_id(index: int, env_value: str | None) -> str:
+    """Map a logical GPU index (as the coordinator sees it) to the id to put in the worker's CUDA_VISIBLE_DEVICES."""
+    if env_value is None or env_value.strip() == "":
+        return str(index)
+    ids = [x.strip() for x in env_value.split(",") if x.strip()]
+    if index >= len(ids):
+        raise UsageError(f"GPU {index} is not among CUDA_VISIBLE_DEVICES={env_value}")
+    return ids[index]
+
+
+def pin_device(device: Device, cpu_threads: int | None = None) -> str:
+    """Pin this process to `device` and return the torch device string to use inside it.
+
+    Must run before anything touches CUDA in this process: for a GPU it narrows CUDA_VISIBLE_DEVICES to the one
+    physical id, so the worker sees exactly one device, `cuda:0`. For a CPU worker it hides GPUs and sets the
+    number of intra-op threads.
+    """
+    if device.kind == "cuda":
+        _refuse_if_cuda_started()
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical_id(device.index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        target = "cuda:0"
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        target = "cpu"
+    if cpu_threads:
+        import torch
+
+        torch.set_num_threads(max(1, cpu_threads))
+    return target
+
+
+def _refuse_if_cuda_started() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("pin_device called after CUDA was initialised in this process; pin first")

@@ -1,0 +1,221 @@
+"""The HDF5 shard format: atomic chunk files while a shard runs, one self-describing shard file when it is done.
+
+A finished shard `shards/shard-00000-of-00008.h5` holds the datasets
+  names (utf-8 str), rows (int64, ascending), features (N x D),
+  failed_rows (int64), failed_names (utf-8 str), failed_reasons (utf-8 str)
+and attributes `complete`, `fingerprint`, `model`, `layer`, `dim`, `dtype`, ... (see run attrs).
+While it runs, each finished chunk is its own small file of the same layout in `shard-....parts/`,
+written to a temporary name, fsynced and renamed: a chunk file that exists is complete ("marker exists").
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+STR = h5py.string_dtype("utf-8")
+DATASETS = ("names", "rows", "features", "failed_rows", "failed_names", "failed_reasons")
+
+
+@dataclass
+class Block:
+    """Rows of one chunk (or a whole shard) in memory: features for the ok rows, reasons for the failed ones."""
+
+    rows: np.ndarray
+    names: list[str]
+    features: np.ndarray
+    failed_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    failed_names: list[str] = field(default_factory=list)
+    failed_reasons: list[str] = field(default_factory=list)
+
+
+def clean_text(text: str) -> str:
+    """HDF5 utf-8 strings cannot hold lone surrogates (undecodable file names); escape them visibly."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _to_attr(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    if value is None:
+        return ""
+    return value
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_replace(tmp: str, final: str) -> None:
+    """fsync `tmp`, rename it over `final`, fsync the folder: after this returns the file survives a crash."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def _create(h5: h5py.File, name: str, data: Any, dtype: Any, dim: int | None = None) -> None:
+    if dim is None:
+        h5.create_dataset(name, data=data, dtype=dtype, maxshape=(None,), chunks=True)
+    else:
+        h5.create_dataset(name, data=data, dtype=dtype, maxshape=(None, dim), chunks=(max(1, min(1024, len(data))), dim))
+
+
+def write_block(path: str | os.PathLike[str], block: Block, attrs: dict[str, Any], dim: int, dtype: str) -> None:
+    """Write one block as a complete file, atomically (temp + fsync + rename)."""
+    path = str(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    feats = np.asarray(block.features, dtype=dtype).reshape(-1, dim)
+    with h5py.File(tmp, "w") as h5:
+        _create(h5, "names", [clean_text(n) for n in block.names], STR)
+        _create(h5, "rows", np.asarray(block.rows, np.int64), np.int64)
+        _create(h5, "features", feats, dtype, dim)
+        _create(h5, "failed_rows", np.asarray(block.failed_rows, np.int64), np.int64)
+        _create(h5, "failed_names", [clean_text(n) for n in block.failed_names], STR)
+        _create(h5, "failed_reasons", [clean_text(r) for r in block.failed_reasons], STR)
+        for key, value in attrs.items():
+            h5.attrs[key] = _to_attr(value)
+        h5.attrs["complete"] = True
+    atomic_replace(tmp, path)
+
+
+def concat_files(parts: Sequence[str], final: str, attrs: dict[str, Any], dim: int, dtype: str) -> int:
+    """Stream several block files into one shard file (one part in memory at a time); returns feature rows."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    total = 0
+    with h5py.File(tmp, "w") as out:
+        for key, value in attrs.items():
+            out.attrs[key] = _to_attr(value)
+        out.attrs["complete"] = False
+        empty = Block(np.zeros(0, np.int64), [], np.zeros((0, dim), dtype))
+        for name in DATASETS:
+            data = getattr(empty, name)
+            _create(out, name, data, out_dtype(name, dtype), dim if name == "features" else None)
+        for part in parts:
+            with h5py.File(part, "r") as src:
+                for name in DATASETS:
+                    _append(out[name], src[name][...])
+                total += src["rows"].shape[0]
+        out.attrs["complete"] = True
+    atomic_replace(tmp, final)
+    return total
+
+
+def out_dtype(name: str, dtype: str) -> Any:
+    return {"features": dtype, "rows": np.int64, "failed_rows": np.int64}.get(name, STR)
+
+
+def _append(ds: h5py.Dataset, data: np.ndarray) -> None:
+    if len(data) == 0:
+        return
+    n = ds.shape[0]
+    ds.resize(n + len(data), axis=0)
+    ds[n:] = data
+
+
+def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with h5py.File(path, "r") as h5:
+        return {k: _from_attr(v) for k, v in h5.attrs.items()}
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def read_block(path: str | os.PathLike[str]) -> Block:
+    """Read a whole file (a chunk, or a small shard) into memory."""
+    with h5py.File(path, "r") as h5:
+        return Block(
+            rows=h5["rows"][...],
+            names=[s.decode() if isinstance(s, bytes) else s for s in h5["names"].asstr()[...]],
+            features=h5["features"][...],
+            failed_rows=h5["failed_rows"][...],
+            failed_names=list(h5["failed_names"].asstr()[...]),
+            failed_reasons=list(h5["failed_reasons"].asstr()[...]),
+        )
+
+
+def iter_features(path: str | os.PathLike[str], batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (rows, features) from a shard in batches of at most batch_rows; never the whole shard at once."""
+    with h5py.File(path, "r") as h5:
+        n = h5["rows"].shape[0]
+        for lo in range(0, n, batch_rows):
+            hi = min(n, lo + batch_rows)
+            yield h5["rows"][lo:hi], h5["features"][lo:hi]
+
+
+def names_for_rows(path: str | os.PathLike[str], rows: np.ndarray) -> list[str | None]:
+    """Look names up by row number in one shard (rows ascending there); None for a row not stored as a feature."""
+    with h5py.File(path, "r") as h5:
+        stored = h5["rows"]
+        all_rows = stored[...] if stored.shape[0] <= 4_000_000 else None
+        out: list[str | None] = []
+        names = h5["names"].asstr()
+        for row in np.asarray(rows, np.int64):
+            pos = int(np.searchsorted(all_rows, row)) if all_rows is not None else _bisect(stored, int(row))
+            ok = pos < stored.shape[0] and int(stored[pos]) == int(row)
+            out.append(names[pos] if ok else None)
+        return out
+
+
+def _bisect(ds: h5py.Dataset, row: int) -> int:
+    lo, hi = 0, ds.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(ds[mid]) < row:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def shards_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / "shards"
+
+
+def shard_path(run_dir: str | os.PathLike[str], name: str) -> Path:
+    return shards_dir(run_dir) / f"{name}.h5"
+
+
+def parts_dir(run_dir: str | os.PathLike[str], name: str) -> Path:
+    return shards_dir(run_dir) / f"{name}.parts"
+
+
+def chunk_path(run_dir: str | os.PathLike[str], name: str, lo: int, hi: int) -> Path:
+    return parts_dir(run_dir, name) / f"chunk-{lo:012d}-{hi:012d}.h5"
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """True for a file that exists, opens, and says complete (a torn or foreign file is not complete)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return bool(h5.attrs.get("complete", False))
+    except (OSError, KeyError):
+        return False
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""The one unit of work, `extract_shard(spec) -> ShardResult`, run unchanged inline, in a Pool worker or a SLURM task.
+
+It knows nothing of who launched it: the device comes from the spec and is pinned before CUDA starts; the model and
+the loaders are built here, never pickled. Finished chunks are durable files; a rerun skips them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featshard import shards
+from featshard.devices import Device, pin_device
+from featshard.inputs import InputSource
+from featshard.models import ModelSpec
+from featshard.plan import Shard, chunk_ranges
+from featshard.preprocess import Preprocess
+from featshard.progress import Progress
+
+log = logging.getLogger("featshard.worker")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    run_dir: str
+    shard: Shard
+    source: InputSource
+    model: ModelSpec
+    prep: Preprocess
+    dtype: str
+    batch_size: int
+    loader_workers: int
+    chunk_size: int
+    cpu_threads: int
+    attrs: dict[str, Any] = field(default_factory=dict)  # provenance written into every file (fingerprint, ...)
+    progress_position: int = 0
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    index: int
+    device: str
+    path: str
+    rows: int
+    ok: int
+    failed: int
+    resumed_rows: int
+    processed_rows: int
+    seconds: float
+    stages: dict[str, float]
+    pid: int = field(default_factory=os.getpid)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChunkBuffer:
+    """Accumulates one chunk's batches; knows when the chunk is whole."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.blocks: list[tuple[Any, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, batch: Any, feats: np.ndarray) -> None:
+        self.blocks.append((batch, feats))
+        self.count += batch.size
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.hi - self.lo
+
+    def to_block(self, dim: int, dtype: str) -> shards.Block:
+        feats = [f for _, f in self.blocks if len(f)]
+        return shards.Block(
+            rows=np.array([r for b, _ in self.blocks for r in b.rows], np.int64),
+            names=[n for b, _ in self.blocks for n in b.names],
+            features=np.concatenate(feats).astype(dtype) if feats else np.zeros((0, dim), dtype),
+            failed_rows=np.array([r for b, _ in self.blocks for r in b.failed_rows], np.int64),
+            failed_names=[n for b, _ in self.blocks for n in b.failed_names],
+            failed_reasons=[r for b, _ in self.blocks for r in b.failed_reasons],
+        )
+
+
+def extract_shard(spec: ShardSpec) -> ShardResult:
+    """Extract one shard to `shards/<name>.h5`, resuming from finished chunks."""
+    from featshard.logs import setup_logging
+
+    setup_logging()
+    t0 = time.monotonic()
+    device = pin_device(Device.parse(spec.shard.device), spec.cpu_threads)
+    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    if shards.is_complete(final):
+        return _done_result(spec, final, t0)
+    progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows)
+    try:
+        stages, resumed, processed = _extract_chunks(spec, device, progress)
+        progress.set(force=True, state="finalizing")
+        t_write = time.monotonic()
+        _finalize(spec)
+        stages["write"] = stages.get("write", 0.0) + time.monotonic() - t_write
+    except BaseException as exc:
+        progress.set(force=True, state="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    progress.set(force=True, state="complete")
+    res = _done_result(spec, final, t0, resumed=resumed, processed=processed, stages=stages)
+    log.info("%s done: %d ok, %d failed, %.1f images/s", spec.shard.name, res.ok, res.failed, res.images_per_s)
+    return res
+
+
+def _pending_chunks(spec: ShardSpec) -> tuple[list[tuple[int, int]], int]:
+    chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
+    pending = [c for c in chunks if not shards.chunk_path(spec.run_dir, spec.shard.name, *c).is_file()]
+    resumed = sum(hi - lo for lo, hi in chunks) - sum(hi - lo for lo, hi in pending)
+    return pending, resumed
+
+
+def _extract_chunks(spec: ShardSpec, device: str, progress: Progress) -> tuple[dict[str, float], int, int]:
+    from featshard.extractor import Extractor
+    from featshard.loader import ChunkBatches, make_loader
+
+    pending, resumed = _pending_chunks(spec)
+    progress.set(force=True, rows_done=resumed, state="running" if pending else "finalizing")
+    stages = {"load_model": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+    if not pending:
+        return stages, resumed, 0
+    shards.parts_dir(spec.run_dir, spec.shard.name).mkdir(parents=True, exist_ok=True)
+    t = time.monotonic()
+    extractor = Extractor(spec.model, spec.prep, device)
+    stages["load_model"] = time.monotonic() - t
+    batches = ChunkBatches(spec.source, pending, spec.batch_size)
+    loader = make_loader(batches, spec.prep, spec.loader_workers, pin=device.startswith("cuda"))
+    processed = _consume(spec, extractor, loader, pending, stages, progress)
+    return stages, resumed, processed
+
+
+def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
+             stages: dict[str, float], progress: Progress) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(hi - lo for lo, hi in pending), desc=f"{spec.shard.name} {spec.shard.device}",
+               unit="img", position=spec.progress_position, leave=False, disable=None, dynamic_ncols=True)
+    chunks = iter(pending)
+    buf = ChunkBuffer(*next(chunks))
+    processed = 0
+    progress.restart_clock()
+    it = iter(loader)
+    while True:
+        t = time.monotonic()
+        batch = next(it, None)
+        stages["wait_data"] += time.monotonic() - t
+        if batch is None:
+            break
+        buf.add(batch, _run_model(extractor, batch, stages))
+        processed += batch.size
+        bar.update(batch.size)
+        progress.add(len(batch.rows), len(batch.failed_rows))
+        while buf.full:
+            _write_chunk(spec, buf, extractor.dim, stages)
+            progress.set(force=True)
+            nxt = next(chunks, None)
+            if nxt is None:
+                break
+            buf = ChunkBuffer(*nxt)
+    bar.close()
+    return processed
+
+
+def _run_model(extractor: Any, batch: Any, stages: dict[str, float]) -> np.ndarray:
+    if not len(batch.rows):
+        return np.zeros((0, extractor.dim), np.float32)
+    t = time.monotonic()
+    x = extractor.to_device(batch.pixels)
+    _sync(extractor.device)
+    t2 = time.monotonic()
+    feats = extractor.forward_device(x).cpu().numpy()
+    stages["h2d"] += t2 - t
+    stages["model"] += time.monotonic() - t2
+    return feats
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, float]) -> None:
+    t = time.monotonic()
+    attrs = dict(spec.attrs, dim=dim, chunk_start=buf.lo, chunk_stop=buf.hi)
+    path = shards.chunk_path(spec.run_dir, spec.shard.name, buf.lo, buf.hi)
+    shards.write_block(path, buf.to_block(dim, spec.dtype), attrs, dim, spec.dtype)
+    stages["write"] += time.monotonic() - t
+
+
+def _finalize(spec: ShardSpec) -> None:
+    """Concatenate the chunk files (in row order) into the shard file, atomically, then drop the parts."""
+    chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
+    parts = [str(shards.chunk_path(spec.run_dir, spec.shard.name, lo, hi)) for lo, hi in chunks]
+    dim = int(shards.read_attrs(parts[0])["dim"]) if parts else int(spec.attrs.get("dim", 0))
+    attrs = dict(spec.attrs, dim=dim, shard_index=spec.shard.index, shard_count=spec.shard.count,
+                 start=spec.shard.start, stop=spec.shard.stop, device=spec.shard.device)
+    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    shards.concat_files(parts, str(final), attrs, dim, spec.dtype)
+    shards.remove_tree(shards.parts_dir(spec.run_dir, spec.shard.name))
+
+
+def _done_result(spec: ShardSpec, final: Any, t0: float, resumed: int | None = None, processed: int = 0,
+                 stages: dict[str, float] | None = None) -> ShardResult:
+    import h5py
+
+    with h5py.File(final, "r") as h5:
+        ok, failed = int(h5["rows"].shape[0]), int(h5["failed_rows"].shape[0])
+    return ShardResult(
+        shard=spec.shard.name, index=spec.shard.index, device=spec.shard.device, path=str(final),
+        rows=spec.shard.rows, ok=ok, failed=failed,
+        resumed_rows=spec.shard.rows if resumed is None else resumed, processed_rows=processed,
+        seconds=time.monotonic() - t0, stages=stages or {},
+    )

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from featshard import shards
+
+
+def _block(rows, dim=4, failed=()):
+    rng = np.random.default_rng(0)
+    return shards.Block(rows=np.array(rows, np.int64), names=[f"img {r} ü" for r in rows],
+                        features=rng.normal(size=(len(rows), dim)).astype(np.float32),
+                        failed_rows=np.array(failed, np.int64), failed_names=[f"bad{r}" for r in failed],
+                        failed_reasons=["missing: gone"] * len(failed))
+
+
+def test_write_block_is_atomic_and_readable(tmp_path):
+    path = tmp_path / "c.h5"
+    shards.write_block(path, _block([0, 2], failed=[1]), {"fingerprint": "abc", "preprocess": {"crop": 224}}, 4,
+                       "float32")
+    assert shards.is_complete(path)
+    assert not list(tmp_path.glob("*.tmp-*"))
+    back = shards.read_block(path)
+    assert back.rows.tolist() == [0, 2] and back.names == ["img 0 ü", "img 2 ü"]
+    assert back.failed_reasons == ["missing: gone"]
+    attrs = shards.read_attrs(path)
+    assert attrs["fingerprint"] == "abc" and attrs["preprocess"] == {"crop": 224} and attrs["complete"] is True
+
+
+def test_concat_streams_parts_in_order(tmp_path):
+    parts = []
+    for i, rows in enumerate([[0, 1], [], [4, 5]]):
+        p = tmp_path / f"p{i}.h5"
+        shards.write_block(p, _block(rows, failed=[2, 3] if i == 1 else []), {}, 4, "float16")
+        parts.append(str(p))
+    final = tmp_path / "shard.h5"
+    assert shards.concat_files(parts, str(final), {"dim": 4}, 4, "float16") == 4
+    with h5py.File(final, "r") as h5:
+        assert h5["rows"][...].tolist() == [0, 1, 4, 5]
+        assert h5["failed_rows"][...].tolist() == [2, 3]
+        assert h5["features"].dtype == np.float16 and h5["features"].shape == (4, 4)
+        assert bool(h5.attrs["complete"])
+    assert shards.names_for_rows(final, np.array([5, 3, 0])) == ["img 5 ü", None, "img 0 ü"]
+    got = list(shards.iter_features(final, batch_rows=3))
+    assert [r.tolist() for r, _ in got] == [[0, 1, 4], [5]]
+
+
+def test_torn_file_is_not_complete(tmp_path):
+    bad = tmp_path / "torn.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 10)
+    assert not shards.is_complete(bad)
+    assert not shards.is_complete(tmp_path / "missing.h5")
+
+
+def test_surrogate_names_are_stored(tmp_path):
+    name = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")
+    blk = shards.Block(np.array([0]), [name], np.zeros((1, 2), np.float32))
+    shards.write_block(tmp_path / "s.h5", blk, {}, 2, "float32")
+    assert shards.read_block(tmp_path / "s.h5").names == ["caf\\xe9.jpg"]
