@@ -147,13 +147,52 @@ class PoolBackend:
         ar = self._pool.apply_async(extract_shard, (spec,), error_callback=on_error)
         return PoolHandle(spec, ar, self._grace, self._start_timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Let idle workers exit. A task whose worker was killed never completes, and a plain Pool then waits
+        for it forever (join, and even interpreter exit): in that case, and whenever joining takes too long,
+        the workers are stopped instead of waited for."""
+        if self._pool._cache:  # noqa: SLF001 - lost tasks stay in the cache forever
+            self.terminate()
+            return
         self._pool.close()
-        self._pool.join()
+        if not _bounded(self._pool.join, timeout):
+            log.warning("pool workers did not exit within %.0f s; stopping them", timeout)
+            self.terminate()
 
-    def terminate(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+    def terminate(self, timeout: float = 10.0) -> None:
+        """Stop every worker now (finished chunks are durable), never blocking on the pool's own bookkeeping."""
+        pool = self._pool
+        # Stop the pool from replacing the workers we are about to stop (it repopulates while tasks are pending).
+        pool._state = multiprocessing.pool.TERMINATE  # noqa: SLF001
+        pool._worker_handler._state = multiprocessing.pool.TERMINATE  # noqa: SLF001
+        pool._change_notifier.put(None)  # noqa: SLF001
+        _bounded(pool._worker_handler.join, timeout)  # noqa: SLF001
+        _stop_processes([p for p in multiprocessing.active_children() if isinstance(p, _NoDaemonProcess)], timeout)
+        if not _bounded(pool.terminate, timeout):
+            log.warning("pool did not shut down cleanly; its workers are gone, leaving it")
+            pool._terminate.cancel()  # noqa: SLF001 - its exit-time finalizer would block the same way
+
+
+def _stop_processes(procs: list[Any], timeout: float) -> None:
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(1.0)
+
+
+def _bounded(fn: Callable[[], Any], timeout: float) -> bool:
+    """Run fn in a daemon thread; True if it returned within timeout."""
+    import threading
+
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 def make_backend(name: str, processes: int) -> Backend:

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import Sequence
 
 from featshard import __version__
 from featshard.errors import FeatshardError
 from featshard.logs import setup_logging
-
-log = logging.getLogger("featshard")
 
 # command name -> (module, one-line help). Each module defines add_arguments(parser) and command(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._command(args))
     except FeatshardError as exc:
-        log.error("%s", exc)
+        print(f"featshard {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted")
+        print(f"featshard {args.command}: interrupted", file=sys.stderr)
         return 130

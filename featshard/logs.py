@@ -8,6 +8,18 @@ import sys
 FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at emit time (pytest and tools swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup_logging(level: str | int | None = None) -> None:
     """Configure the root logger once per process (stderr, so stdout stays clean for --json)."""
     level = level or os.environ.get("FEATSHARD_LOG", "INFO")
@@ -15,7 +27,7 @@ def setup_logging(level: str | int | None = None) -> None:
     if getattr(root, "_featshard_configured", False):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)

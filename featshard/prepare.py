@@ -6,6 +6,7 @@ file, a changed config on an existing run) before any worker starts.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import platform
@@ -19,7 +20,7 @@ from featshard.devices import Device
 from featshard.errors import UsageError
 from featshard.inputs import InputSource, open_input, scan_input
 from featshard.manifest import diff_fields, fingerprint_of, manifest_path, load_manifest, write_manifest
-from featshard.models import ModelSpec, preprocess_for, resolve_precision, weights_identity
+from featshard.models import ModelSpec, check_model_name, preprocess_for, resolve_precision, weights_identity
 from featshard.plan import Shard, plan_shards
 from featshard.preprocess import Preprocess
 
@@ -68,6 +69,7 @@ def check_out_dir(out: str) -> str:
 
 
 def model_spec(args: Any, device_kind: str) -> ModelSpec:
+    check_model_name(args.model)
     weights = args.weights
     if weights.lower() == "none":
         weights = "none"
@@ -91,9 +93,11 @@ def probe_model(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
 
 
 def fingerprint_fields(spec: ModelSpec, layer: str, prep: Preprocess, dtype: str, sha: str) -> dict[str, Any]:
-    return {"model": spec.name, "weights": weights_identity(spec), "layer": layer, "pool": spec.pool,
-            "normalize": spec.normalize, "precision": spec.precision, "dtype": dtype,
-            "preprocess": prep.vector_fields(), "input_sha256": sha, "featshard_version": __version__}
+    """Everything that changes the vectors, in its JSON form (so a reloaded manifest compares equal)."""
+    fields = {"model": spec.name, "weights": weights_identity(spec), "layer": layer, "pool": spec.pool,
+              "normalize": spec.normalize, "precision": spec.precision, "dtype": dtype,
+              "preprocess": prep.vector_fields(), "input_sha256": sha, "featshard_version": __version__}
+    return json.loads(json.dumps(fields))
 
 
 def reconcile(run_dir: str, fields: dict[str, Any], plan: list[Shard], overwrite: bool) -> dict[str, Any] | None:
