@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DECODE_MODES = ("exact", "fast", "gpu")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,16 @@ class Preprocess:
     decode: str = "fast"  # "exact": plain PIL like torchvision; "fast": JPEG draft + crop folded into resize; "gpu"
     max_pixels: int = 178_956_970  # decompression-bomb limit (2 x PIL's default warning threshold)
     timeout: float = 60.0  # per-image deadline in seconds for open + decode
+
+    def __post_init__(self) -> None:
+        from featshard.errors import UsageError
+
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(f"interpolation {self.interpolation!r} is not supported ({', '.join(INTERPOLATIONS)})")
+        if self.decode not in DECODE_MODES:
+            raise UsageError(f"--decode {self.decode!r}: choose from {', '.join(DECODE_MODES)}")
+        if self.crop < 1 or self.resize < 1 or self.max_pixels < 1 or self.timeout <= 0:
+            raise UsageError("resize, crop, --max-pixels and --image-timeout must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
