@@ -31,4 +31,5 @@ def setup_logging(level: str | int | None = None) -> None:
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every SIMD variant it tries
     root._featshard_configured = True  # type: ignore[attr-defined]

