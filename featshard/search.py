@@ -71,8 +71,15 @@ def _search(index: Any, queries: np.ndarray, k: int) -> list[list[dict[str, Any]
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     flat = [int(i) for i in ids.ravel() if i >= 0]
     names = dict(zip(flat, index.lookup(np.array(flat, np.int64)))) if flat else {}
-    return [[{"name": names[int(i)][0], "row": int(i), "score": round(float(s), 6)}
-             for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+    return [[_hit(names[int(i)], int(i), float(s)) for s, i in zip(srow, irow) if i >= 0]
+            for srow, irow in zip(scores, ids)]
+
+
+def _hit(found: tuple[str, str, int], index_id: int, score: float) -> dict[str, Any]:
+    """`row` is the input row in the run that holds the image (`run_dir`); `id` is the faiss id (they differ only
+    for runs added with `featshard add`, whose ids are offset)."""
+    name, run_dir, row = found
+    return {"name": name, "row": int(row), "score": round(score, 6), "id": index_id, "run_dir": run_dir}
 
 
 def command(args: argparse.Namespace) -> int:

@@ -72,7 +72,8 @@ def _create(h5: h5py.File, name: str, data: Any, dtype: Any, dim: int | None = N
     if dim is None:
         h5.create_dataset(name, data=data, dtype=dtype, maxshape=(None,), chunks=True)
     else:
-        h5.create_dataset(name, data=data, dtype=dtype, maxshape=(None, dim), chunks=(max(1, min(1024, len(data))), dim))
+        rows = 1024 if len(data) == 0 else max(1, min(1024, len(data)))  # an empty, growing dataset: 1024 rows
+        h5.create_dataset(name, data=data, dtype=dtype, maxshape=(None, dim), chunks=(rows, dim))
 
 
 def write_block(path: str | os.PathLike[str], block: Block, attrs: dict[str, Any], dim: int, dtype: str) -> None:
