@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,124 +33,22 @@ import numpy as np
 
 from featshard import index as fx
 from featshard.errors import FeatshardError, UsageError
+from featshard.faissutil import METRICS, faiss_stdout_to_stderr, is_exact
+from featshard.indexspec import (  # re-exported: featshard.merge.X keeps working
+    DEFAULT_TRAIN_MIN as DEFAULT_TRAIN_MIN, FLAT_AUTO_MAX as FLAT_AUTO_MAX,
+    HNSW_QUANTIZER_MIN_NLIST as HNSW_QUANTIZER_MIN_NLIST, MIN_POINTS_PER_CENTROID as MIN_POINTS_PER_CENTROID,
+    PQ_CHOICES as PQ_CHOICES, auto_spec as auto_spec, choose_train_size as choose_train_size,
+    human_bytes as human_bytes, make_index as make_index, nlist_for as nlist_for, parse_size as parse_size,
+    train_bounds as train_bounds,
+)
+from featshard.recall import tune
+from featshard.vectors import (
+    ShardRef, Source, batch_rows_for, check_source, gather, iter_vectors, sample_positions, source_of,
+)
 
 log = logging.getLogger("featshard.merge")
 
-FLAT_AUTO_MAX = 100_000
-HNSW_QUANTIZER_MIN_NLIST = 16_384
-PQ_CHOICES = (64, 48, 32, 16, 8)
-MIN_POINTS_PER_CENTROID = 39
-DEFAULT_TRAIN_MIN = 10_000
 TRAINED_FILE = "trained.faiss"  # the trained empty index of an --on-disk build, kept for `add`
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'4G', '512M', '1.5GiB', '1000000' -> bytes (binary units)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UsageError(f"--max-index-memory {text!r}: expected bytes like 4G, 512M or 1000000")
-    power = " kmgt".index(match.group(2).lower() or " ")
-    return int(float(match.group(1)) * 1024 ** power)
-
-
-def nlist_for(n: int) -> int:
-    """Power of two nearest 4·sqrt(n), at most n/39 (and 262144), at least 1."""
-    if n < MIN_POINTS_PER_CENTROID * 2:
-        return 1
-    k = 2 ** round(math.log2(4 * math.sqrt(n)))
-    cap = 2 ** int(math.log2(n // MIN_POINTS_PER_CENTROID))
-    return int(max(1, min(k, cap, 262_144)))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-def auto_spec(n: int, dim: int, max_memory: int, on_disk: bool = False) -> tuple[str, str]:
-    """The documented auto rule (module docstring): (spec, reason)."""
-    budget, flat = human_bytes(max_memory), n * (4 * dim + 48)
-    if not on_disk and n < FLAT_AUTO_MAX and flat <= max_memory:
-        return "Flat", f"{n} vectors < {FLAT_AUTO_MAX} and Flat needs {human_bytes(flat)} <= {budget}: exact search"
-    k = nlist_for(n)
-    quantizer = f"IVF{k}_HNSW32" if k >= HNSW_QUANTIZER_MIN_NLIST else f"IVF{k}"
-    centroids = k * dim * 4
-    ivf_flat = n * (4 * dim + 8) + centroids
-    why = "--on-disk needs IVF" if on_disk else f"{n} vectors >= {FLAT_AUTO_MAX} or Flat does not fit in {budget}"
-    if ivf_flat <= max_memory:
-        return f"{quantizer},Flat", f"{why}; IVF-Flat needs {human_bytes(ivf_flat)}; nlist {k} ~ 4*sqrt(N)"
-    for m in PQ_CHOICES:
-        need = n * (m + 8) + centroids
-        if m > dim or need > max_memory:
-            continue
-        reason = (f"IVF-Flat needs {human_bytes(ivf_flat)}, does not fit in {budget}; PQ{m} needs "
-                  f"{human_bytes(need)}; nlist {k} ~ 4*sqrt(N)")
-        if dim <= 4 * m and dim % m == 0:
-            return f"{quantizer},PQ{m}", reason
-        d_out = min(4 * m, dim - dim % m)
-        return f"OPQ{m}_{d_out},{quantizer},PQ{m}", reason + f"; OPQ rotation to {d_out} dims for {m} sub-quantizers"
-    raise UsageError(f"{n} vectors of dim {dim} do not fit in --max-index-memory {budget} even as PQ8 "
-                     f"({human_bytes(n * 16)}): raise --max-index-memory")
-
-
-def make_index(spec: str, dim: int, metric: str) -> Any:
-    """faiss.index_factory(spec), wrapped in IndexIDMap2 unless it takes ids itself (IVF, or an IDMap spec)."""
-    import faiss
-
-    if not spec or not spec.strip():
-        raise UsageError("--index-spec is empty")
-    try:
-        index = faiss.index_factory(dim, spec.strip(), fx.faiss_metric(metric))
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1][:200]
-        raise UsageError(f"--index-spec {spec!r} is not a faiss index_factory string usable for dim {dim}: "
-                         f"{detail}") from exc
-    top = faiss.downcast_index(index)
-    ivf = faiss.try_extract_index_ivf(top)
-    inner = faiss.downcast_index(ivf) if ivf is not None else fx.unwrap(top)
-    if getattr(inner, "do_polysemous_training", False):
-        inner.do_polysemous_training = False  # factory "PQm" turns it on: minutes of annealing, unused by search
-    if ivf is None and not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        index = faiss.IndexIDMap2(index)  # the factory's object, which owns the C++ index (`top` is a view)
-    return index
-
-
-def train_bounds(index: Any) -> tuple[int, int]:
-    """(hard minimum, recommended) training points: 1 and 39 per IVF list and per PQ centroid (ksub)."""
-    import faiss
-
-    need = 1
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        need = max(need, int(ivf.nlist))
-    inner = fx.unwrap(ivf if ivf is not None else index)
-    pq = getattr(inner, "pq", None)
-    if pq is not None:
-        need = max(need, int(pq.ksub))
-    return need, MIN_POINTS_PER_CENTROID * need
-
-
-def choose_train_size(index: Any, spec: str, requested: int | None, available: int) -> int:
-    """--train-size or the default max(39 x nlist/ksub, 10,000), capped by the stored vectors; errors when too few."""
-    hard, recommended = train_bounds(index)
-    if available < hard:
-        raise FeatshardError(f"--index-spec {spec!r} needs at least {hard} training vectors (one per list / "
-                             f"centroid) but the run stores only {available}; use a smaller nlist "
-                             f"(e.g. IVF{nlist_for(available)},Flat) or Flat")
-    if requested is not None and requested < hard:
-        raise UsageError(f"--train-size {requested} is below the {hard} vectors {spec!r} needs")
-    size = requested if requested is not None else max(recommended, DEFAULT_TRAIN_MIN)
-    if size > available:
-        if requested is not None:
-            log.warning("--train-size %d > %d stored vectors: training on all of them", size, available)
-        size = available
-    if size < recommended:
-        log.warning("training %s on %d vectors; faiss recommends >= %d", spec, size, recommended)
-    return int(size)
 
 
 def use_gpu(requested: bool | None, num_gpus: int) -> bool:
@@ -175,11 +71,11 @@ def on_device(index: Any, gpu: bool) -> tuple[Any, Any]:
         return index, lambda x: x
 
 
-def train_index(index: Any, sources: Sequence[fx.Source], size: int, seed: int, gpu: bool) -> Any:
+def train_index(index: Any, sources: Sequence[Source], size: int, seed: int, gpu: bool) -> Any:
     """Train on `size` vectors drawn uniformly (seeded) across every stored row of every shard."""
     total = sum(sum(s.counts) for s in sources)
-    positions = fx.sample_positions(total, size, seed)
-    _, sample = fx.gather(sources, positions, fx.batch_rows_for(index.d))
+    positions = sample_positions(total, size, seed)
+    _, sample = gather(sources, positions, batch_rows_for(index.d))
     log.info("training on %d of %d vectors (%.1f MB)", len(sample), total, sample.nbytes / 1e6)
     work, back = on_device(index, gpu)
     work.train(sample)
@@ -194,7 +90,7 @@ def reserve_flat(index: Any, extra: int) -> None:
     import faiss
 
     top = faiss.downcast_index(index)
-    if not fx.is_exact(top) or not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+    if not is_exact(top) or not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return
     flat = faiss.downcast_index(top.index)
     size, ids = flat.codes.size(), top.id_map.size()
@@ -204,16 +100,16 @@ def reserve_flat(index: Any, extra: int) -> None:
     top.id_map.resize(ids)
 
 
-def fill_index(index: Any, sources: Sequence[fx.Source], gpu: bool) -> Any:
+def fill_index(index: Any, sources: Sequence[Source], gpu: bool) -> Any:
     """Add every stored vector with its id, streaming one batch at a time."""
     reserve_flat(index, sum(sum(s.counts) for s in sources))
     work, back = on_device(index, gpu)
-    for ids, vecs in fx.iter_vectors(sources, fx.batch_rows_for(index.d)):
+    for ids, vecs in iter_vectors(sources, batch_rows_for(index.d)):
         work.add_with_ids(vecs, ids)
     return back(work)
 
 
-def write_parts(trained: Any, sources: Sequence[fx.Source], parts_dir: Path, gpu: bool) -> list[str]:
+def write_parts(trained: Any, sources: Sequence[Source], parts_dir: Path, gpu: bool) -> list[str]:
     """One IVF part file per shard: a copy of the trained empty index filled with that shard's vectors."""
     import faiss
 
@@ -234,7 +130,7 @@ def new_ivfdata_name() -> str:
     return f"index-{time.strftime('%Y%m%d%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}.ivfdata"
 
 
-def build_on_disk(trained: Any, sources: Sequence[fx.Source], out: Path, gpu: bool) -> tuple[Any, str]:
+def build_on_disk(trained: Any, sources: Sequence[Source], out: Path, gpu: bool) -> tuple[Any, str]:
     """Parts per shard, then faiss.contrib.ondisk.merge_ondisk of their inverted lists into one .ivfdata."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
@@ -242,14 +138,14 @@ def build_on_disk(trained: Any, sources: Sequence[fx.Source], out: Path, gpu: bo
     files = write_parts(trained, sources, out / "parts", gpu)
     ivfdata = new_ivfdata_name()
     merged = faiss.clone_index(trained)
-    with fx.faiss_stdout_to_stderr():
+    with faiss_stdout_to_stderr():
         merge_ondisk(merged, files, str(out / ivfdata))
     fsync_file(out / ivfdata)
     return merged, ivfdata
 
 
-def _single(src: fx.Source, ref: fx.ShardRef, count: int) -> fx.Source:
-    return fx.Source(src.run_dir, src.fingerprint, src.id_offset, src.rows, src.dim, [ref], [count])
+def _single(src: Source, ref: ShardRef, count: int) -> Source:
+    return Source(src.run_dir, src.fingerprint, src.id_offset, src.rows, src.dim, [ref], [count])
 
 
 def fsync_file(path: Path) -> None:
@@ -296,7 +192,7 @@ def resolve_spec(spec: str, ntotal: int, dim: int, max_memory: int | None, on_di
     return spec, reason
 
 
-def populate(index: Any, sources: Sequence[fx.Source], out: Path, on_disk: bool, gpu: bool) -> tuple[Any, str | None]:
+def populate(index: Any, sources: Sequence[Source], out: Path, on_disk: bool, gpu: bool) -> tuple[Any, str | None]:
     """Fill a trained index by streaming; --on-disk keeps the trained empty index and builds an .ivfdata."""
     if not on_disk:
         return fill_index(index, sources, gpu), None
@@ -311,7 +207,7 @@ def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_siz
     import faiss
 
     run = Path(run_dir)
-    src = fx.check_source(fx.source_of(run))
+    src = check_source(source_of(run))
     ntotal = sum(src.counts)
     if ntotal == 0:
         raise FeatshardError(f"{run}: the shards hold no vectors (did every image fail?); nothing to index")
@@ -332,7 +228,7 @@ def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_siz
             "train_size": size, "on_disk": on_disk, "gpu": on_gpu, "seed": seed,
             "build_seconds": round(time.perf_counter() - started, 3), "sources": [src.to_meta(run)],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    meta.update(fx.tune(index, [src], metric, target_recall, seed))
+    meta.update(tune(index, [src], metric, target_recall, seed))
     return save(run, index, meta, ivfdata)
 
 
@@ -349,7 +245,7 @@ def _warn_dropped_sources(out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="DIR", help="run directory (with manifest.json and shards/)")
     parser.add_argument("--index-spec", default="Flat", help="faiss index_factory string, or 'auto' (default Flat)")
-    parser.add_argument("--metric", choices=fx.METRICS, default="ip", help="ip (default; cosine on normalised "
+    parser.add_argument("--metric", choices=METRICS, default="ip", help="ip (default; cosine on normalised "
                         "vectors) or l2")
     parser.add_argument("--train-size", type=int, default=None, help="training sample size (default from the spec)")
     parser.add_argument("--max-index-memory", default=None, help="memory budget for --index-spec auto, e.g. 4G "

@@ -40,7 +40,8 @@ class QueryExtractor:
         self.prep, self.batch_size, self.workers = prep, batch_size, workers
         self.extractor = Extractor(spec, prep, query_device())
         if self.extractor.dim != int(manifest["model"]["dim"]):
-            raise FeatshardError(f"query features have dim {self.extractor.dim}, the run has {manifest['model']['dim']}")
+            raise FeatshardError(f"query features have dim {self.extractor.dim}, "
+                                 f"the run has {manifest['model']['dim']}")
 
     def features(self, items: Sequence[Item]) -> Iterator[tuple[Item, np.ndarray | None, str]]:
         from featshard.loader import make_loader

@@ -15,6 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 import featshard.decode as decode
+import featshard.resizecrop as resizecrop
 from corpus import cmyk_array, corpus_names, make_corpus, photo
 from featshard.decode import REASONS, ImageFailure, load_image
 from featshard.preprocess import Preprocess
@@ -100,7 +101,7 @@ def test_exact_beyond_256_to_1_resamples_only_the_crop(tmp_path: Path) -> None:
     path = tmp_path / "thin.png"
     Image.fromarray(photo(4, 2000, seed=3)).save(path)
     p = prep("exact", 64, 56)
-    assert 64 * 32000 > decode._EXACT_MAX_AREA * 64**2  # really on the crop-only path
+    assert 64 * 32000 > resizecrop._EXACT_MAX_AREA * 64**2  # really on the crop-only path
     out = load_image(str(path), p).astype(int)
     assert np.abs(out - reference(Image.open(path).convert("RGB"), 64, 56)).max() <= 2
 
@@ -133,7 +134,7 @@ def test_fast_draft_never_upscales(tmp_path: Path, size: tuple[int, int], orient
     shown = size[::-1] if orientation in (5, 6, 7, 8) else size
     target = F._compute_resized_output_size(shown[::-1], [256])[::-1]  # torchvision's own (w, h) after resize
     with Image.open(path) as im:
-        scale = decode._draft(im, tuple(target), orientation)
+        scale = resizecrop._draft(im, tuple(target), orientation)
         drafted = im.size[::-1] if orientation in (5, 6, 7, 8) else im.size
     assert drafted[0] >= target[0] and drafted[1] >= target[1]
     assert (scale > 1) == (min(size) >= 2 * 1.25 * 256)  # draft is used whenever it can be
