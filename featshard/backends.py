@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.pool
+import os
 import signal
 import time
 from typing import Any, Callable, Protocol
@@ -87,6 +88,21 @@ class _SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):  # type
 def _worker_init() -> None:
     # The coordinator owns Ctrl-C: it stops workers itself and tells the user how to resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Its stop is a SIGTERM: unwind (the current batch is dropped, loader processes are shut down, the progress
+    # file says "stopped") instead of vanishing; finished chunks are already durable.
+    signal.signal(signal.SIGTERM, _stop_worker)
+    # Loader processes forked from here keep the default: a SIGTERM must end one even while it is stuck in a read
+    # that only a fatal signal interrupts (a stalled network mount), which a Python handler never gets to run for.
+    os.register_at_fork(after_in_child=_default_sigterm)
+
+
+def _stop_worker(signum: int, _frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise SystemExit(128 + signum)
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class PoolHandle:
@@ -147,7 +163,7 @@ class PoolBackend:
         ar = self._pool.apply_async(extract_shard, (spec,), error_callback=on_error)
         return PoolHandle(spec, ar, self._grace, self._start_timeout)
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Let idle workers exit. A task whose worker was killed never completes, and a plain Pool then waits
         for it forever (join, and even interpreter exit): in that case, and whenever joining takes too long,
         the workers are stopped instead of waited for."""
@@ -159,7 +175,7 @@ class PoolBackend:
             log.warning("pool workers did not exit within %.0f s; stopping them", timeout)
             self.terminate()
 
-    def terminate(self, timeout: float = 10.0) -> None:
+    def terminate(self, timeout: float = 5.0) -> None:
         """Stop every worker now (finished chunks are durable), never blocking on the pool's own bookkeeping."""
         pool = self._pool
         # Stop the pool from replacing the workers we are about to stop (it repopulates while tasks are pending).

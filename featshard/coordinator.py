@@ -11,27 +11,70 @@ import json
 import logging
 import os
 import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from featshard.backends import BACKENDS, Backend, Handle, WorkerDied, make_backend
 from featshard.devices import Device, parse_gpus
-from featshard.errors import FeatshardError, UsageError
+from featshard.errors import UsageError
 from featshard.loader import default_loader_workers
 from featshard.locks import RunLock
 from featshard.manifest import write_json_atomic
 from featshard.plan import Shard, plan_shards
-from featshard.prepare import Prepared, prepare, shard_attrs
+from featshard.prepare import Prepared, prepare, scan, shard_attrs
 from featshard.report import summarize, verdict
-from featshard.worker import ShardResult, ShardSpec
+from featshard.retry import durable_rows
+from featshard.worker import ShardResult, ShardSpec, Stopped
 
 log = logging.getLogger("featshard.run")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
-class Interrupted(FeatshardError):
+class Interrupted(Stopped):
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}: finished chunks are on disk; "
                          "rerun the same command to resume")
         self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGUSR2 become `Interrupted`: raised at once while no worker runs; while workers run
+    (`polling`), recorded in `received` for the polling loop, which stops the workers first. Later signals are only
+    recorded, so a second Ctrl-C cannot cut the clean-up short."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.polling = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        first = not self.received
+        self.received.append(signum)
+        if first:
+            log.warning("received %s: stopping the workers; finished chunks stay on disk",
+                        signal.Signals(signum).name)
+            if not self.polling:
+                raise Interrupted(signum)
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Outcome:
+    """What `await_all` saw: results, errors, rows found done at the start and at each retry."""
+
+    results: list[ShardResult] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    start_rows: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, list[int]] = field(default_factory=dict)  # shard -> durable rows at each retry
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", type=int, default=None, help="decode processes per device")
     p.add_argument("--chunk-size", type=int, default=2048, help="rows per durable chunk (resume granularity)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a shard whose worker died")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="process again the rows recorded as failed (e.g. after a network mount came back)")
     p.add_argument("--max-pixels", type=int, default=178_956_970, help="refuse images with more pixels")
     p.add_argument("--image-timeout", type=float, default=60.0, help="per-image open+decode deadline, seconds")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none (same in every worker)")
@@ -86,11 +131,27 @@ def command(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("loader_workers", "max_retries") else 1):
             raise UsageError(f"--{name.replace('_', '-')} {value} is out of range")
-    prepared = prepare(args, devices, nodes)
-    mine = [s for s in prepared.plan if s.node == rank]
-    with RunLock(prepared.run_dir, rank):
-        results, errors = execute(prepared, mine, devices, args)
-    return finish(prepared, mine, results, errors, rank, nodes)
+    with StopSignals() as stop:
+        scanned = scan(args)
+        with RunLock(scanned.run_dir, rank):  # before the manifest is read, written or cleared (--overwrite)
+            clean_run_tmp(scanned.run_dir, rank, nodes)
+            prepared = prepare(args, devices, nodes, scanned)
+            mine = [s for s in prepared.plan if s.node == rank]
+            outcome = execute(prepared, mine, devices, args, stop)
+            return finish(prepared, mine, outcome, rank, nodes)
+
+
+def clean_run_tmp(run_dir: str, rank: int, nodes: int) -> None:
+    """Remove the temp files a killed run of this node left next to the manifest, summary and lock (each shard's
+    own temp files are its worker's to clean). Other nodes' files are theirs: only node-wide names are touched."""
+    root = Path(run_dir)
+    names = [f"summary-node-{rank:04d}.json", f"locks/node-{rank:04d}.lock"]
+    if nodes == 1:
+        names += ["summary.json", "manifest.json"]
+    for name in names:
+        for path in root.glob(f"{name}.tmp-*"):
+            log.info("removing %s, left by an interrupted write", path)
+            path.unlink(missing_ok=True)
 
 
 def dry_run(args: argparse.Namespace, devices: list[Device], nodes: int) -> int:
@@ -113,68 +174,91 @@ def make_specs(p: Prepared, mine: list[Shard], devices: list[Device], args: argp
     attrs = shard_attrs(p)
     return [ShardSpec(run_dir=p.run_dir, shard=s, source=p.source, model=p.model, prep=p.prep, dtype=p.dtype,
                       batch_size=batch, loader_workers=loaders, chunk_size=p.chunk_size, cpu_threads=threads,
-                      attrs=attrs, progress_position=i) for i, s in enumerate(mine)]
+                      attrs=attrs, progress_position=i, retry_failed=args.retry_failed) for i, s in enumerate(mine)]
 
 
-def execute(p: Prepared, mine: list[Shard], devices: list[Device],
-            args: argparse.Namespace) -> tuple[list[ShardResult], dict[str, str]]:
+def execute(p: Prepared, mine: list[Shard], devices: list[Device], args: argparse.Namespace,
+            stop: StopSignals) -> Outcome:
     specs = make_specs(p, mine, devices, args)
+    outcome = Outcome(start_rows={s.shard.name: durable_rows(s) for s in specs})
+    done = sum(outcome.start_rows.values())
+    if done:
+        log.info("resuming: %d of %d rows are already done", done, sum(s.shard.rows for s in specs))
+    stop.polling = args.backend != "inline"  # inline runs shards in this thread: a signal must interrupt them
     backend = make_backend(args.backend, len(specs))
-    stop: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _f: stop.append(signum)) for s in STOP_SIGNALS}
     try:
-        return await_all(backend, specs, args.max_retries, stop)
+        await_all(backend, specs, args.max_retries, stop.received, outcome)
+        return outcome
     except BaseException:
+        t = time.monotonic()
         backend.terminate()
+        log.info("workers stopped (%.1f s)", time.monotonic() - t)
         raise
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stop.polling = False
 
 
-def await_all(backend: Backend, specs: list[ShardSpec], max_retries: int,
-              stop: list[int]) -> tuple[list[ShardResult], dict[str, str]]:
+def await_all(backend: Backend, specs: list[ShardSpec], max_retries: int, stop: list[int],
+              outcome: Outcome) -> Outcome:
     """Submit every shard, then poll: collect results, retry dead workers, stop on a signal. Never blocks forever."""
     pending: dict[str, Handle] = {s.shard.name: backend.submit(s) for s in specs}
-    tries = {s.shard.name: 0 for s in specs}
-    results: list[ShardResult] = []
-    errors: dict[str, str] = {}
     while pending:
         for name, handle in list(pending.items()):
             if stop:
                 raise Interrupted(stop[0])
             try:
-                results.append(handle.result(timeout=0.5))
+                outcome.results.append(handle.result(timeout=0.5))
                 del pending[name]
             except TimeoutError:
                 continue
             except WorkerDied as exc:
                 del pending[name]
-                if tries[name] < max_retries:
-                    tries[name] += 1
-                    log.warning("%s; retry %d/%d resumes from its last finished chunk", exc, tries[name], max_retries)
-                    pending[name] = backend.submit(handle.spec)
-                else:
-                    errors[name] = str(exc)
+                retry = _retry(backend, handle.spec, exc, max_retries, outcome)
+                if retry is not None:
+                    pending[name] = retry
+            except Stopped:
+                raise
             except Exception as exc:  # noqa: BLE001 - report the shard, keep the others going
                 del pending[name]
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                log.error("%s failed: %s", name, errors[name])
+                outcome.errors[name] = f"{type(exc).__name__}: {exc}"
+                log.error("%s failed: %s", name, outcome.errors[name])
     backend.close()
-    return sorted(results, key=lambda r: r.index), errors
+    if stop:
+        log.warning("every shard had finished when %s came: the run is complete", signal.Signals(stop[0]).name)
+    outcome.results.sort(key=lambda r: r.index)
+    return outcome
 
 
-def finish(p: Prepared, mine: list[Shard], results: list[ShardResult], errors: dict[str, str],
-           rank: int, nodes: int) -> int:
-    summary = summarize(p, mine, results, errors)
+def _retry(backend: Backend, spec: ShardSpec, exc: WorkerDied, max_retries: int, outcome: Outcome) -> Handle | None:
+    """Resubmit a shard whose worker died (it resumes from its finished chunks), or record it as failed."""
+    name = spec.shard.name
+    tries = outcome.retries.setdefault(name, [])
+    if len(tries) >= max_retries:
+        outcome.errors[name] = f"{exc} (after {len(tries)} retries)" if tries else str(exc)
+        return None
+    tries.append(durable_rows(spec))
+    log.warning("%s; retry %d/%d resumes from its last finished chunk (%d of %d rows done)", exc, len(tries),
+                max_retries, tries[-1], spec.shard.rows)
+    return backend.submit(spec)
+
+
+def finish(p: Prepared, mine: list[Shard], outcome: Outcome, rank: int, nodes: int) -> int:
+    summary = summarize(p, mine, outcome.results, outcome.errors, outcome.start_rows, outcome.retries)
     name = "summary.json" if nodes == 1 else f"summary-node-{rank:04d}.json"
-    write_json_atomic(os.path.join(p.run_dir, name), summary)
+    try:
+        write_json_atomic(os.path.join(p.run_dir, name), summary)
+    except OSError as exc:
+        log.error("cannot write %s: %s", os.path.join(p.run_dir, name), exc)
     log.info("%s", verdict(summary))
-    if errors:
-        for shard, err in errors.items():
+    if outcome.errors:
+        for shard, err in outcome.errors.items():
             log.error("shard %s did not complete: %s", shard, err)
-        log.error("run incomplete: %d of %d shards failed; rerun the same command to resume", len(errors), len(mine))
+        log.error("run incomplete: %d of %d shards failed; rerun the same command to resume", len(outcome.errors),
+                  len(mine))
         return 1
     log.info("run complete: %d rows, %d ok, %d failed, %.1f images/s -> %s", summary["rows"], summary["ok"],
              summary["failed"], summary["images_per_s"], p.run_dir)
+    if summary.get("retried_rows"):
+        log.info("--retry-failed: %d of %d retried rows now have a feature", summary["recovered_rows"],
+                 summary["retried_rows"])
     return 0

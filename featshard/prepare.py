@@ -17,7 +17,7 @@ from typing import Any
 
 from featshard import __version__
 from featshard.devices import Device
-from featshard.errors import UsageError
+from featshard.errors import FeatshardError, UsageError
 from featshard.inputs import InputSource, open_input, scan_input
 from featshard.manifest import diff_fields, fingerprint_of, manifest_path, load_manifest, write_manifest
 from featshard.models import ModelSpec, check_model_name, preprocess_for, resolve_precision, weights_identity
@@ -108,7 +108,7 @@ def reconcile(run_dir: str, fields: dict[str, Any], plan: list[Shard], overwrite
         clear_run(run_dir)
         return None
     old = load_manifest(run_dir)
-    diffs = diff_fields(old.get("fingerprint_fields", {}), fields)
+    diffs = [_explain(d, old) for d in diff_fields(old.get("fingerprint_fields", {}), fields)]
     if diffs:
         raise UsageError(f"{run_dir} holds a run with another config; what differs: {'; '.join(diffs)}. "
                          "Use another --out, or --overwrite to start over.")
@@ -117,6 +117,13 @@ def reconcile(run_dir: str, fields: dict[str, Any], plan: list[Shard], overwrite
         raise UsageError(f"{run_dir} was planned as {len(old_plan)} shards over {old.get('num_nodes', 1)} node(s); "
                          f"this command plans {len(plan)}. Resume with the same --gpus/--num-nodes, or --overwrite.")
     return old
+
+
+def _explain(diff: str, old: dict[str, Any]) -> str:
+    if diff.startswith("input_sha256:"):
+        return (f"the input list changed (rows, names or paths differ from {old.get('input', {}).get('path')!r} "
+                f"when the run began; {diff})")
+    return diff
 
 
 def clear_run(run_dir: str) -> None:
@@ -128,12 +135,29 @@ def clear_run(run_dir: str) -> None:
     (Path(run_dir) / "shards").mkdir(parents=True, exist_ok=True)
 
 
-def prepare(args: Any, devices: list[Device], num_nodes: int) -> Prepared:
+@dataclass
+class Scanned:
+    """The input list read once (row count and hash) and the out dir checked: all a run lock needs first."""
+
+    source: InputSource
+    rows: int
+    input_sha256: str
+    run_dir: str
+
+
+def scan(args: Any) -> Scanned:
     source = open_input(args.input)
     rows, sha = scan_input(source)
     if rows == 0:
         raise UsageError(f"--input {args.input!r} lists no images (blank lines and # comments are skipped)")
-    run_dir = check_out_dir(args.out)
+    return Scanned(source, rows, sha, check_out_dir(args.out))
+
+
+def prepare(args: Any, devices: list[Device], num_nodes: int, scanned: Scanned | None = None) -> Prepared:
+    """Resolve and check the config against what `--out` holds; run it holding the run lock (it may rewrite
+    the manifest, or clear the run with --overwrite)."""
+    scanned = scanned or scan(args)
+    source, rows, sha, run_dir = scanned.source, scanned.rows, scanned.input_sha256, scanned.run_dir
     spec = model_spec(args, devices[0].kind)
     prep = preprocess_for(spec.name, spec.weights, decode=args.decode, max_pixels=args.max_pixels,
                           timeout=args.image_timeout)
@@ -145,10 +169,15 @@ def prepare(args: Any, devices: list[Device], num_nodes: int) -> Prepared:
     plan = plan_shards(rows, [str(d) for d in devices], num_nodes)
     old = reconcile(run_dir, fields, plan, args.overwrite)
     chunk_size = int(old["chunk_size"]) if old else args.chunk_size
+    if old and chunk_size != args.chunk_size:
+        log.info("resuming with the run's --chunk-size %d (not %d)", chunk_size, args.chunk_size)
     fp = fingerprint_of(fields)
     manifest = old or _new_manifest(source, rows, sha, spec, prep, args, fields, fp, dim, plan, chunk_size, num_nodes)
     if old is None:
-        write_manifest(run_dir, manifest)
+        try:
+            write_manifest(run_dir, manifest)
+        except OSError as exc:
+            raise FeatshardError(f"cannot write {manifest_path(run_dir)}: {exc}") from None
     return Prepared(run_dir, source, rows, sha, spec, prep, args.dtype, dim, fp, fields, plan, chunk_size, manifest)
 
 

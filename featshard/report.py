@@ -10,22 +10,36 @@ from featshard.worker import ShardResult
 STAGES = ("load_model", "wait_data", "h2d", "model", "write")
 
 
-def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors: dict[str, str]) -> dict[str, Any]:
+def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors: dict[str, str],
+              start_rows: dict[str, int] | None = None, retries: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """`resumed_rows`: rows found done when the command started; `processed_rows`: rows this command finished
+    (a retried shard's rows are counted once; its attempts are listed)."""
+    start_rows, retries = start_rows or {}, retries or {}
     wall = max((r.seconds for r in results), default=0.0)
-    processed = sum(r.processed_rows for r in results)
-    per_shard = [{
-        "shard": r.shard, "device": r.device, "rows": r.rows, "ok": r.ok, "failed": r.failed,
-        "resumed_rows": r.resumed_rows, "processed_rows": r.processed_rows, "seconds": round(r.seconds, 3),
-        "images_per_s": round(r.images_per_s, 2), "stages": {k: round(v, 3) for k, v in r.stages.items()},
-    } for r in results]
+    per_shard = [shard_entry(r, start_rows.get(r.shard, r.resumed_rows), retries.get(r.shard, [])) for r in results]
+    processed = sum(e["processed_rows"] for e in per_shard)
+    extracted = sum(r.processed_rows for r in results)  # by the attempts that returned: the speed's numerator
     stages = total_stages(results)
     return {
         "run_dir": p.run_dir, "fingerprint": p.fingerprint, "rows": sum(s.rows for s in mine),
         "ok": sum(r.ok for r in results), "failed": sum(r.failed for r in results),
-        "resumed_rows": sum(r.resumed_rows for r in results), "processed_rows": processed,
-        "wall_seconds": round(wall, 3), "images_per_s": round(processed / wall, 2) if wall > 0 else 0.0,
+        "resumed_rows": sum(start_rows.values()) if start_rows else sum(e["resumed_rows"] for e in per_shard),
+        "processed_rows": processed,
+        "retried_rows": sum(r.retried_rows for r in results), "recovered_rows": sum(r.recovered_rows for r in results),
+        "wall_seconds": round(wall, 3), "images_per_s": round(extracted / wall, 2) if wall > 0 else 0.0,
         "shards": per_shard, "errors": errors, "complete": not errors and len(results) == len(mine),
-        "stages": stages, "verdict": verdict_of(stages),
+        "stages": stages, "verdict": verdict_of(stages) if results or not errors else "no shard completed: see errors",
+    }
+
+
+def shard_entry(r: ShardResult, resumed: int, retries: list[int]) -> dict[str, Any]:
+    return {
+        "shard": r.shard, "device": r.device, "rows": r.rows, "ok": r.ok, "failed": r.failed,
+        "resumed_rows": resumed, "processed_rows": r.rows - resumed, "seconds": round(r.seconds, 3),
+        "images_per_s": round(r.images_per_s, 2), "stages": {k: round(v, 3) for k, v in r.stages.items()},
+        "retried_rows": r.retried_rows, "recovered_rows": r.recovered_rows,
+        "retries": len(retries), "retry_resumed_rows": retries,
+        "last_attempt": {"resumed_rows": r.resumed_rows, "processed_rows": r.processed_rows},
     }
 
 

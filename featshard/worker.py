@@ -1,7 +1,8 @@
 """The one unit of work, `extract_shard(spec) -> ShardResult`, run unchanged inline, in a Pool worker or a SLURM task.
 
 It knows nothing of who launched it: the device comes from the spec and is pinned before CUDA starts; the model and
-the loaders are built here, never pickled. Finished chunks are durable files; a rerun skips them.
+the loaders are built here, never pickled. Finished chunks are durable files; a rerun skips them. A `kill -9` at any
+instant leaves only complete files plus, at worst, a torn `*.tmp-<pid>` file, which the next start removes.
 """
 from __future__ import annotations
 
@@ -9,19 +10,30 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from featshard import shards
 from featshard.devices import Device, pin_device
+from featshard.errors import FeatshardError
 from featshard.inputs import InputSource
 from featshard.models import ModelSpec
 from featshard.plan import Shard, chunk_ranges
 from featshard.preprocess import Preprocess
 from featshard.progress import Progress
+from featshard.retry import BatchStream, clean_stale, durable_chunks
 
 log = logging.getLogger("featshard.worker")
+
+
+class WriteError(FeatshardError):
+    """A shard or chunk file could not be written (disk full, file too large, read-only filesystem)."""
+
+
+class Stopped(FeatshardError):
+    """The run was asked to stop (a signal): finished chunks stay on disk and the same command resumes."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class ShardSpec:
     cpu_threads: int
     attrs: dict[str, Any] = field(default_factory=dict)  # provenance written into every file (fingerprint, ...)
     progress_position: int = 0
+    retry_failed: bool = False  # re-process the rows recorded as failed in finished shards and chunks
 
 
 @dataclass
@@ -54,6 +67,8 @@ class ShardResult:
     seconds: float
     stages: dict[str, float]
     pid: int = field(default_factory=os.getpid)
+    retried_rows: int = 0  # --retry-failed: failed rows processed again
+    recovered_rows: int = 0  # ... of which now have a feature
 
     @property
     def images_per_s(self) -> float:
@@ -88,6 +103,23 @@ class ChunkBuffer:
         )
 
 
+class LazyExtractor:
+    """Builds the model on first use: a shard with nothing left to do never loads it."""
+
+    def __init__(self, spec: ShardSpec, device: str, stages: dict[str, float]) -> None:
+        self.spec, self.device, self.stages = spec, device, stages
+        self._ext: Any = None
+
+    def get(self) -> Any:
+        if self._ext is None:
+            from featshard.extractor import Extractor
+
+            t = time.monotonic()
+            self._ext = Extractor(self.spec.model, self.spec.prep, self.device)
+            self.stages["load_model"] += time.monotonic() - t
+        return self._ext
+
+
 def extract_shard(spec: ShardSpec) -> ShardResult:
     """Extract one shard to `shards/<name>.h5`, resuming from finished chunks."""
     from featshard.logs import setup_logging
@@ -96,48 +128,63 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     t0 = time.monotonic()
     device = pin_device(Device.parse(spec.shard.device), spec.cpu_threads)
     final = shards.shard_path(spec.run_dir, spec.shard.name)
-    if shards.is_complete(final):
+    clean_stale(spec)
+    if shards.is_complete(final) and not spec.retry_failed:
         return _done_result(spec, final, t0)
     progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows)
+    stages = {"load_model": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+    extractor = LazyExtractor(spec, device, stages)
     try:
-        stages, resumed, processed = _extract_chunks(spec, device, progress)
-        progress.set(force=True, state="finalizing")
-        t_write = time.monotonic()
-        _finalize(spec)
-        stages["write"] = stages.get("write", 0.0) + time.monotonic() - t_write
+        retried, recovered = _retry(spec, extractor, progress, stages) if spec.retry_failed else (0, 0)
+        if shards.is_complete(final):  # --retry-failed on a finished shard
+            resumed, processed = spec.shard.rows, 0
+        else:
+            resumed, processed = _run_chunks(spec, extractor, progress, stages)
     except BaseException as exc:
-        progress.set(force=True, state="failed", error=f"{type(exc).__name__}: {exc}")
+        stopped = isinstance(exc, (Stopped, SystemExit, KeyboardInterrupt))
+        try:
+            progress.set(force=True, state="stopped" if stopped else "failed", error=f"{type(exc).__name__}: {exc}")
+        except OSError:  # the disk that failed the shard may fail this too: the shard's error matters more
+            pass
         raise
-    progress.set(force=True, state="complete")
+    progress.set(force=True, state="complete", stage="done")
     res = _done_result(spec, final, t0, resumed=resumed, processed=processed, stages=stages)
+    res.retried_rows, res.recovered_rows = retried, recovered
     log.info("%s done: %d ok, %d failed, %.1f images/s", spec.shard.name, res.ok, res.failed, res.images_per_s)
     return res
 
 
-def _pending_chunks(spec: ShardSpec) -> tuple[list[tuple[int, int]], int]:
-    chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
-    pending = [c for c in chunks if not shards.chunk_path(spec.run_dir, spec.shard.name, *c).is_file()]
-    resumed = sum(hi - lo for lo, hi in chunks) - sum(hi - lo for lo, hi in pending)
-    return pending, resumed
+def _run_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
+                stages: dict[str, float]) -> tuple[int, int]:
+    resumed, processed = _extract_chunks(spec, extractor, progress, stages)
+    progress.set(force=True, state="finalizing", stage="finalizing")
+    t_write = time.monotonic()
+    _finalize(spec)
+    stages["write"] += time.monotonic() - t_write
+    return resumed, processed
 
 
-def _extract_chunks(spec: ShardSpec, device: str, progress: Progress) -> tuple[dict[str, float], int, int]:
-    from featshard.extractor import Extractor
-    from featshard.loader import ChunkBatches, make_loader
+def _retry(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
+           stages: dict[str, float]) -> tuple[int, int]:
+    from featshard.retry import retry_failed
 
-    pending, resumed = _pending_chunks(spec)
-    progress.set(force=True, rows_done=resumed, state="running" if pending else "finalizing")
-    stages = {"load_model": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+    progress.set(force=True, state="running", stage="retrying failed rows")
+    return retry_failed(spec, extractor.get, stages, guarded_write)
+
+
+def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
+                    stages: dict[str, float]) -> tuple[int, int]:
+    done, pending = durable_chunks(spec)
+    resumed = sum(hi - lo for lo, hi in done)
+    progress.set(force=True, rows_done=resumed, state="running" if pending else "finalizing",
+                 stage="loading model" if pending else "finalizing")
     if not pending:
-        return stages, resumed, 0
+        return resumed, 0
     shards.parts_dir(spec.run_dir, spec.shard.name).mkdir(parents=True, exist_ok=True)
-    t = time.monotonic()
-    extractor = Extractor(spec.model, spec.prep, device)
-    stages["load_model"] = time.monotonic() - t
-    batches = ChunkBatches(spec.source, pending, spec.batch_size)
-    loader = make_loader(batches, spec.prep, spec.loader_workers, pin=device.startswith("cuda"))
-    processed = _consume(spec, extractor, loader, pending, stages, progress)
-    return stages, resumed, processed
+    ext = extractor.get()
+    progress.set(force=True, stage="extracting")
+    return resumed, _consume(spec, ext, BatchStream(spec, pending, extractor.device.startswith("cuda")), pending,
+                             stages, progress)
 
 
 def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
@@ -157,7 +204,7 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
         stages["wait_data"] += time.monotonic() - t
         if batch is None:
             break
-        buf.add(batch, _run_model(extractor, batch, stages))
+        buf.add(batch, run_model(extractor, batch, stages))
         processed += batch.size
         bar.update(batch.size)
         progress.add(len(batch.rows), len(batch.failed_rows))
@@ -172,11 +219,14 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
     return processed
 
 
-def _run_model(extractor: Any, batch: Any, stages: dict[str, float]) -> np.ndarray:
+def run_model(extractor: Any, batch: Any, stages: dict[str, float]) -> np.ndarray:
+    """Features (float32, N x dim) of a batch's decoded rows (after the call: a device decode may move rows it
+    cannot decode to the batch's failures)."""
     if not len(batch.rows):
         return np.zeros((0, extractor.dim), np.float32)
     t = time.monotonic()
-    x = extractor.to_device(batch.pixels)
+    to_device = getattr(extractor, "batch_to_device", None)
+    x = to_device(batch) if to_device is not None else extractor.to_device(batch.pixels)
     _sync(extractor.device)
     t2 = time.monotonic()
     feats = extractor.forward_device(x).cpu().numpy()
@@ -192,11 +242,34 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def guarded_write(path: str | os.PathLike[str], write: Callable[[], Any]) -> Any:
+    """Run `write` (which writes `path` via `path.tmp-<pid>`); turn a failed write (h5py raises OSError or, when
+    closing, RuntimeError) into a WriteError that says how to go on, after removing the partial temp file (it may be
+    what filled the disk)."""
+    try:
+        return write()
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "errno" not in str(exc):
+            raise  # not a write error (e.g. torch reporting a dead loader process)
+        Path(f"{path}.tmp-{os.getpid()}").unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {_describe(exc)}. No shard was marked complete; free space (or fix "
+                         "the file system), then rerun the same command: it resumes from the finished chunks") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """The OS reason of a write error (h5py hides it in a long message as `errno = N`), then the first line."""
+    import re
+
+    code = getattr(exc, "errno", None) or next((int(m) for m in re.findall(r"errno = (\d+)", str(exc))), None)
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return f"{os.strerror(code)} ({first})" if code else f"{type(exc).__name__}: {first}"
+
+
 def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, float]) -> None:
     t = time.monotonic()
     attrs = dict(spec.attrs, dim=dim, chunk_start=buf.lo, chunk_stop=buf.hi)
     path = shards.chunk_path(spec.run_dir, spec.shard.name, buf.lo, buf.hi)
-    shards.write_block(path, buf.to_block(dim, spec.dtype), attrs, dim, spec.dtype)
+    guarded_write(path, lambda: shards.write_block(path, buf.to_block(dim, spec.dtype), attrs, dim, spec.dtype))
     stages["write"] += time.monotonic() - t
 
 
@@ -208,7 +281,7 @@ def _finalize(spec: ShardSpec) -> None:
     attrs = dict(spec.attrs, dim=dim, shard_index=spec.shard.index, shard_count=spec.shard.count,
                  start=spec.shard.start, stop=spec.shard.stop, device=spec.shard.device)
     final = shards.shard_path(spec.run_dir, spec.shard.name)
-    shards.concat_files(parts, str(final), attrs, dim, spec.dtype)
+    guarded_write(final, lambda: shards.concat_files(parts, str(final), attrs, dim, spec.dtype))
     shards.remove_tree(shards.parts_dir(spec.run_dir, spec.shard.name))
 
 

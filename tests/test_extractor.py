@@ -1,0 +1,131 @@
+"""Extractor: default layers, pooling of maps and tokens, on-device normalisation, empty batches, gpu fallback."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from featshard import extractor as extractor_module
+from featshard.errors import UsageError
+from featshard.extractor import Extractor, pool_features, resolve_layer
+from featshard.models import ModelSpec, preprocess_for
+
+PREP = preprocess_for("mobilenet_v2", "none")
+
+
+def pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> Extractor:
+    return Extractor(ModelSpec("mobilenet_v2", "none", precision="fp32"), PREP, "cpu")
+
+
+@pytest.mark.parametrize("name, layer", [("mobilenet_v2", "classifier.0"), ("resnet18", "flatten"),
+                                         ("vit_b_16", "getitem_5")])
+def test_default_layer_is_the_classifier_input(name: str, layer: str) -> None:
+    assert resolve_layer(torchvision.models.get_model(name, weights=None), None) == layer
+
+
+def test_unknown_layer_lists_the_last_nodes() -> None:
+    with pytest.raises(UsageError, match="flatten"):
+        resolve_layer(torchvision.models.get_model("resnet18", weights=None), "nope")
+
+
+def test_pooling_of_maps_and_tokens() -> None:
+    maps = torch.rand(2, 5, 3, 4) + 0.1
+    flat = maps.flatten(2).numpy()
+    assert np.allclose(pool_features(maps, "avg").numpy(), flat.mean(2), atol=1e-6)
+    assert np.allclose(pool_features(maps, "max").numpy(), flat.max(2))
+    assert np.allclose(pool_features(maps, "gem").numpy(), np.cbrt((flat ** 3).mean(2)), atol=1e-5)
+    tokens = torch.rand(2, 6, 8)  # N, L, C: pooled over the tokens
+    assert pool_features(tokens, "avg").shape == (2, 8)
+    assert np.allclose(pool_features(tokens, "max").numpy(), tokens.numpy().max(1))
+    vec = torch.rand(3, 7)
+    assert pool_features(vec, "gem") is vec
+    with pytest.raises(UsageError):
+        pool_features(maps, "median")
+
+
+def test_normalisation_happens_on_the_device_in_channels_last(mobilenet: Extractor) -> None:
+    x = pixels(2)
+    got = mobilenet.to_device(torch.from_numpy(x))
+    mean, std = np.array(PREP.mean), np.array(PREP.std)
+    want = ((x / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    assert got.shape == (2, 3, 224, 224) and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert np.allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_features_are_unit_vectors_of_the_layer_dim(mobilenet: Extractor) -> None:
+    feats = mobilenet(pixels(3))
+    assert feats.shape == (3, 1280) and mobilenet.dim == 1280 and feats.dtype == np.float32
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(feats[0], feats[1])
+
+
+def test_pooling_a_spatial_layer(mobilenet: Extractor) -> None:
+    """Average-pooling MobileNetV2's last feature map is what its classifier input is; max and gem differ."""
+    x = pixels(2, seed=1)
+    by_pool = {pool: Extractor(ModelSpec("mobilenet_v2", "none", layer="features.18", pool=pool, precision="fp32"),
+                               PREP, "cpu")(x) for pool in ("avg", "max", "gem")}
+    assert np.allclose(by_pool["avg"], mobilenet(x), atol=1e-4)
+    assert not np.allclose(by_pool["max"], by_pool["avg"], atol=1e-3)
+    assert not np.allclose(by_pool["gem"], by_pool["avg"], atol=1e-3)
+
+
+def test_unnormalised_vectors_keep_their_length() -> None:
+    ext = Extractor(ModelSpec("resnet18", "none", normalize=False, precision="fp32"), PREP, "cpu")
+    feats = ext(pixels(2))
+    assert feats.shape == (2, 512) and not np.allclose(np.linalg.norm(feats, axis=1), 1.0)
+
+
+def test_an_empty_batch_gives_no_rows(mobilenet: Extractor) -> None:
+    out = mobilenet.forward_device(torch.zeros((0, 3, 224, 224)))
+    assert tuple(out.shape) == (0, 1280)
+
+
+def test_gpu_decode_on_cpu_falls_back_and_says_so_once(caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(extractor_module, "_warned_gpu_decode", False)
+    prep = replace(PREP, decode="gpu")
+    with caplog.at_level(logging.WARNING, logger="featshard.extractor"):
+        first = Extractor(ModelSpec("mobilenet_v2", "none", precision="fp32"), prep, "cpu")
+        Extractor(ModelSpec("mobilenet_v2", "none", precision="fp32"), prep, "cpu")
+    assert not first.device_decode
+    assert sum("--decode gpu needs a CUDA device" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_batch_to_device_releases_pixels_and_decodes_jpeg_bytes(tmp_path: Path, mobilenet: Extractor) -> None:
+    """The worker's hook: a plain batch and a device-decode batch (run here with the CPU as the device) give the
+    same features; either way the batch keeps its rows but no longer its pixels."""
+    from helpers import make_images
+
+    from featshard.inputs import Item
+    from featshard.loader import make_loader
+
+    paths = make_images(tmp_path, 4)
+    items = [[Item(i, p.name, str(p)) for i, p in enumerate(paths)]]
+    (plain,) = list(make_loader(items, PREP, 0, pin=False))
+    (raw,) = list(make_loader(items, replace(PREP, decode="gpu"), 0, pin=False, device_decode=True))
+    assert raw.encoded is not None and raw.pixels.shape[0] == 2  # JPEG bytes for 2, pixels for the 2 PNGs
+    a = mobilenet.forward_device(mobilenet.batch_to_device(plain)).numpy()
+    b = mobilenet.forward_device(mobilenet.batch_to_device(raw)).numpy()
+    assert a.shape == b.shape == (4, 1280) and (a * b).sum(1).min() > 0.99
+    for batch in (plain, raw):
+        assert batch.rows == [0, 1, 2, 3] and batch.pixels.numel() == 0 and batch.encoded is None
+
+
+def test_tune_process_env_only_fills_what_the_user_left_unset() -> None:
+    from featshard.extractor import RUNTIME_ENV, tune_process_env
+
+    env: dict[str, str] = {}
+    assert tune_process_env(env) == RUNTIME_ENV and env == RUNTIME_ENV
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert tune_process_env(mine) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE"}

@@ -1,0 +1,92 @@
+"""Loader: chunk-bounded batches streamed from the list, decoded in loader processes, failures kept apart."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_images, write_list
+
+from featshard.decode import load_image
+from featshard.inputs import open_input
+from featshard.loader import ChunkBatches, collate, default_loader_workers, make_loader
+from featshard.models import preprocess_for
+
+PREP = preprocess_for("mobilenet_v2", "none")
+
+
+@pytest.fixture(scope="module")
+def listing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("loader")
+    images = make_images(root / "imgs", 6)
+    (root / "notes.jpg").write_text("not an image")
+    entries: list[Path | str] = [*images, "imgs/missing.jpg", root / "notes.jpg", images[0], images[1], images[2],
+                                 images[3], images[4]]
+    return write_list(root / "list.txt", entries), images
+
+
+def rows_of(batches: ChunkBatches) -> list[list[int]]:
+    return [[item.row for item in batch] for batch in batches]
+
+
+def test_batches_never_straddle_chunks(listing: tuple[Path, list[Path]]) -> None:
+    source = open_input(listing[0])
+    chunks = [(0, 5), (5, 12), (12, 13)]
+    got = rows_of(ChunkBatches(source, chunks, 4))
+    assert got == [[0, 1, 2, 3], [4], [5, 6, 7, 8], [9, 10, 11], [12]]
+    for batch in got:
+        assert any(lo <= min(batch) and max(batch) < hi for lo, hi in chunks)
+
+
+def test_finished_chunks_are_skipped_and_order_kept(listing: tuple[Path, list[Path]]) -> None:
+    source = open_input(listing[0])
+    assert rows_of(ChunkBatches(source, [(10, 13), (2, 4)], 2)) == [[2, 3], [10, 11], [12]]
+    assert rows_of(ChunkBatches(source, [(0, 3), (6, 9)], 8, only_rows=[1, 7, 8])) == [[1], [7, 8]]
+    assert rows_of(ChunkBatches(source, [], 8)) == []
+    items = [item for batch in ChunkBatches(source, [(3, 6)], 2) for item in batch]
+    assert [i.path for i in items] == [str(p) for p in open_items(listing[0])[3:6]]
+
+
+def open_items(lst: Path) -> list[Path]:
+    return [lst.parent / line for line in lst.read_text().splitlines()]
+
+
+def test_loader_processes_decode_and_separate_failures(listing: tuple[Path, list[Path]]) -> None:
+    source = open_input(listing[0])
+    batches = list(make_loader(ChunkBatches(source, [(0, 7), (7, 13)], 4), PREP, workers=2, pin=False))
+    assert [b.size for b in batches] == [4, 3, 4, 2]
+    ok_rows = [r for b in batches for r in b.rows]
+    failed = {r: why for b in batches for r, why in zip(b.failed_rows, b.failed_reasons)}
+    assert ok_rows == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    assert sorted(failed) == [6, 7] and failed[6].startswith("missing") and failed[7].startswith("not_image")
+    first = batches[0]
+    assert first.pixels.shape == (4, 224, 224, 3) and str(first.pixels.dtype) == "torch.uint8"
+    assert first.encoded is None
+    assert np.array_equal(first.pixels[2].numpy(), load_image(str(open_items(listing[0])[2]), PREP))
+    assert all(len(b.rows) == len(b.names) == len(b.pixels) for b in batches)
+
+
+def test_device_decode_hands_over_jpeg_bytes(listing: tuple[Path, list[Path]]) -> None:
+    source = open_input(listing[0])
+    prep = replace(PREP, decode="gpu")
+    batches = list(make_loader(ChunkBatches(source, [(0, 8)], 8), prep, workers=0, pin=False, device_decode=True))
+    (batch,) = batches
+    assert batch.rows == [0, 1, 2, 3, 4, 5] and batch.failed_rows == [6, 7]
+    kinds = ["jpg" if e is not None else "cpu" for e in batch.encoded]
+    assert kinds == ["jpg", "cpu", "jpg", "cpu", "jpg", "cpu"]  # make_images alternates JPEG and PNG
+    assert batch.pixels.shape[0] == 3
+    (plain,) = list(make_loader(ChunkBatches(source, [(0, 8)], 8), prep, workers=0, pin=False))
+    assert plain.encoded is None and plain.pixels.shape[0] == 6  # not asked for: the loaders decode everything
+
+
+def test_collate_of_only_failures_is_empty() -> None:
+    from featshard.inputs import Item
+
+    batch = collate([(Item(3, "a", "/x/a"), None, "missing: gone")])
+    assert batch.rows == [] and batch.failed_rows == [3] and batch.pixels.shape[0] == 0 and batch.size == 1
+
+
+def test_default_loader_workers_leaves_a_core_per_device() -> None:
+    assert default_loader_workers(1) >= 1
+    assert default_loader_workers(64) == 1
