@@ -28,7 +28,7 @@ SLURM_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install demo test lint bench clean distclean slurm-dry-run slurm-submit slurm-vars
+.PHONY: help install install-simd demo test lint bench clean distclean slurm-dry-run slurm-submit slurm-vars
 
 help:  ## list the targets (this text)
 	@echo "featshard: make TARGET"
@@ -57,7 +57,11 @@ bench: install  ## featshard bench: decode, model and end-to-end throughput side
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PY) -m featshard bench $(BENCH_ARGS)
 
-# ---- install-simd (pillow-simd, opt-in faster decoder): target owned by the throughput/bench work, goes here ----
+install-simd: install  ## opt-in faster JPEG decode: build pillow-simd into .venv (last; verifies it is active)
+	apt-get install -y -qq --no-install-recommends libjpeg-dev zlib1g-dev >/dev/null 2>&1 || true
+	$(PIP) install --no-binary :all: --force-reinstall --no-deps 'pillow-simd==12.1.1.post0'
+	$(PY) -c 'import PIL; assert "post" in PIL.__version__, PIL.__version__; print("pillow-simd active:", PIL.__version__)'
+	@echo "note: a later pip install of anything requiring pillow reinstalls stock Pillow; rerun make install-simd"
 
 slurm-dry-run: slurm-vars install  ## write and print the SLURM scripts: INPUT=LIST OUT=DIR [NODES=1 GPUS=1 SLURM_ARGS=...]
 	$(PY) -m featshard slurm --input '$(INPUT)' --out '$(OUT)' --nodes $(NODES) --gpus-per-node $(GPUS) $(SLURM_ARGS) --dry-run

@@ -69,4 +69,17 @@ def cli(*args: str, timeout: float = 300, check: bool = False, env: dict[str, st
     return proc
 
 
+def read_all(run: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every dataset of every finished shard of a run, by file name."""
+    import h5py
+
+    from featshard import shards
+
+    out = {}
+    for path in sorted((run / "shards").glob("shard-*.h5")):
+        with h5py.File(path, "r") as h5:
+            out[path.name] = {k: h5[k][...] for k in shards.DATASETS}
+    return out
+
+
 FAST = ["--model", "mobilenet_v2", "--batch-size", "4", "--loader-workers", "1", "--precision", "fp32"]

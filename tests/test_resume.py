@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import h5py
 import numpy as np
 import pytest
-from helpers import FAST, REPO, cli, make_images, write_list
+from helpers import FAST, REPO, cli, make_images, read_all, write_list
 
 from featshard import shards
 from featshard.cli import main
@@ -86,14 +85,6 @@ def durable(out: Path, per_shard: int = ROWS // 2) -> dict[str, int]:
         files = [p for p in parts.glob("chunk-*.h5")] if parts.is_dir() else []
         result[name] = sum(int(p.stem.split("-")[2]) - int(p.stem.split("-")[1]) for p in files)
     return result
-
-
-def read_all(run: Path) -> dict[str, dict[str, np.ndarray]]:
-    out = {}
-    for path in sorted((run / "shards").glob("shard-*.h5")):
-        with h5py.File(path, "r") as h5:
-            out[path.name] = {k: h5[k][...] for k in shards.DATASETS}
-    return out
 
 
 def assert_same_output(run: Path, ref: Path, ignore: tuple[str, ...] = ()) -> None:

@@ -4,20 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from helpers import FAST, cli, make_images, mobilenet_weights, write_list
+from helpers import FAST, cli, make_images, mobilenet_weights, read_all, write_list
 
 from featshard import shards
-
-
-def read_all(run: Path) -> dict[str, dict[str, np.ndarray]]:
-    out = {}
-    for path in sorted((run / "shards").glob("shard-*.h5")):
-        with h5py.File(path, "r") as h5:
-            out[path.name] = {k: h5[k][...] for k in shards.DATASETS}
-    return out
 
 
 @pytest.fixture(scope="module")
