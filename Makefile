@@ -57,11 +57,15 @@ bench: install  ## featshard bench: decode, model and end-to-end throughput side
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PY) -m featshard bench $(BENCH_ARGS)
 
-install-simd: install  ## opt-in faster JPEG decode: build pillow-simd into .venv (last; verifies it is active)
-	apt-get install -y -qq --no-install-recommends libjpeg-dev zlib1g-dev >/dev/null 2>&1 || true
-	$(PIP) install --no-binary :all: --force-reinstall --no-deps 'pillow-simd==12.1.1.post0'
-	$(PY) -c 'import PIL; assert "post" in PIL.__version__, PIL.__version__; print("pillow-simd active:", PIL.__version__)'
-	@echo "note: a later pip install of anything requiring pillow reinstalls stock Pillow; rerun make install-simd"
+SIMD_VERSION ?= 12.1.1.post0
+SIMD_APT := libjpeg-dev zlib1g-dev libpng-dev libtiff-dev libwebp-dev liblcms2-dev libopenjp2-7-dev libfreetype-dev
+install-simd: install  ## replace Pillow by pillow-simd (source build, ~1 min); run LAST: a later pip install needing pillow restores stock Pillow
+	@dpkg -s $(SIMD_APT) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y --no-install-recommends $(SIMD_APT); } || { echo "install-simd: sudo apt-get install -y $(SIMD_APT)" >&2; exit 1; }
+	rm -rf $(VENV)/.simd-wheel
+	CC="cc $(shell grep -q avx2 /proc/cpuinfo && echo -mavx2)" $(PIP) wheel --no-deps --no-cache-dir --no-binary pillow-simd -w $(VENV)/.simd-wheel 'pillow-simd==$(SIMD_VERSION)'
+	$(PIP) uninstall -y pillow
+	$(PIP) install --no-deps $(VENV)/.simd-wheel/pillow_simd-*.whl
+	$(PY) -c 'import PIL; from PIL import features as f; v = PIL.__version__; assert "post" in v, f"stock Pillow {v} active, not pillow-simd"; m = [x for x in ("jpg", "zlib", "webp", "libtiff") if not f.check(x)]; assert not m, f"pillow-simd built without {m}"; print("pillow-simd", v, "active; libjpeg-turbo:", f.check_feature("libjpeg_turbo"))'
 
 slurm-dry-run: slurm-vars install  ## write and print the SLURM scripts: INPUT=LIST OUT=DIR [NODES=1 GPUS=1 SLURM_ARGS=...]
 	$(PY) -m featshard slurm --input '$(INPUT)' --out '$(OUT)' --nodes $(NODES) --gpus-per-node $(GPUS) $(SLURM_ARGS) --dry-run

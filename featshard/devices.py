@@ -41,10 +41,11 @@ def visible_cuda_count() -> int:
 
 def parse_gpus(spec: str | None, visible: int | None = None) -> list[Device]:
     """Turn a `--gpus` spec into devices: '0-7', '0,2,5', '1-3,6', 'all', 'cpu', 'cpu:N'; None means the default."""
-    n_visible = visible_cuda_count() if visible is None else visible
-    if spec is None or spec == "":
-        spec = "all" if n_visible > 0 else "cpu"
-    spec = spec.strip().lower()
+    spec = (spec or "").strip().lower()
+    n_visible = 0
+    if spec != "cpu" and not spec.startswith("cpu:"):  # only GPU specs ask torch (importing it costs ~475 MB RSS)
+        n_visible = visible_cuda_count() if visible is None else visible
+        spec = spec or ("all" if n_visible > 0 else "cpu")
     if spec == "cpu":
         return [Device("cpu", 0)]
     if spec.startswith("cpu:"):

@@ -120,9 +120,6 @@ def _loader_init(_: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    nice = int(os.environ.get("FEATSHARD_LOADER_NICE", "0"))
-    if nice:
-        os.nice(nice)
 
 
 def make_loader(batches: Iterable[list[Item]], prep: Preprocess, workers: int, pin: bool,
