@@ -91,6 +91,7 @@ def write_block(path: str | os.PathLike[str], block: Block, attrs: dict[str, Any
         for key, value in attrs.items():
             h5.attrs[key] = _to_attr(value)
         h5.attrs["complete"] = True
+    _check_written(tmp, [(0, np.asarray(block.rows, np.int64), feats)])
     atomic_replace(tmp, path)
 
 
@@ -112,8 +113,27 @@ def concat_files(parts: Sequence[str], final: str, attrs: dict[str, Any], dim: i
                     _append(out[name], src[name][...])
                 total += src["rows"].shape[0]
         out.attrs["complete"] = True
+    _check_parts(tmp, parts)
     atomic_replace(tmp, final)
     return total
+
+
+def _check_written(path: str, expected: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    """Read back what was written: HDF5 can swallow a failed flush (disk full), leaving zeros where data should be."""
+    with h5py.File(path, "r") as h5:
+        for lo, rows, feats in expected:
+            hi = lo + len(rows)
+            if not (np.array_equal(h5["rows"][lo:hi], rows) and np.array_equal(h5["features"][lo:hi], feats)):
+                raise OSError(f"{path}: data read back differs from what was written (disk full or I/O error?)")
+
+
+def _check_parts(path: str, parts: Sequence[str]) -> None:
+    lo = 0
+    for part in parts:
+        with h5py.File(part, "r") as src:
+            rows, feats = src["rows"][...], src["features"][...]
+        _check_written(path, [(lo, rows, feats)])
+        lo += len(rows)
 
 
 def out_dtype(name: str, dtype: str) -> Any:
