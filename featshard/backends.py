@@ -7,6 +7,7 @@ reported as `WorkerDied` instead of hanging forever the way a plain Pool does.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.pool
@@ -21,6 +22,7 @@ from featshard.worker import ShardResult, ShardSpec, extract_shard
 
 log = logging.getLogger("featshard.backends")
 BACKENDS = ("pool", "inline")
+PRELOAD = ("torch", "torchvision")
 
 
 class WorkerDied(FeatshardError):
@@ -85,7 +87,7 @@ class _SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):  # type
     Process = _NoDaemonProcess
 
 
-def _worker_init() -> None:
+def _worker_init(preload: tuple[str, ...] = ()) -> None:
     # The coordinator owns Ctrl-C: it stops workers itself and tells the user how to resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stop is a SIGTERM: unwind (the current batch is dropped, loader processes are shut down, the progress
@@ -94,6 +96,11 @@ def _worker_init() -> None:
     # Loader processes forked from here keep the default: a SIGTERM must end one even while it is stuck in a read
     # that only a fatal signal interrupts (a stalled network mount), which a Python handler never gets to run for.
     os.register_at_fork(after_in_child=_default_sigterm)
+    for module in preload:  # importing torch does not initialise CUDA: pin_device still comes first
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - a failing initializer makes a Pool respawn workers forever; the shard
+            pass  # itself imports it again and fails with the real error, which the coordinator reports
 
 
 def _stop_worker(signum: int, _frame: Any) -> None:
@@ -151,9 +158,13 @@ class PoolBackend:
     """A spawn-context Pool, one process per device; each process runs one shard and is then replaced
     (maxtasksperchild=1), so every shard starts in a fresh process that pins its device before CUDA starts."""
 
-    def __init__(self, processes: int, grace: float = 3.0, start_timeout: float = 600.0) -> None:
+    def __init__(self, processes: int, grace: float = 3.0, start_timeout: float = 600.0,
+                 preload: tuple[str, ...] = PRELOAD) -> None:
+        """`preload`: modules each worker imports as soon as it starts, before it gets a shard (the pool is made
+        early, so the workers' `import torch`, ~5 s on the 2-core box, overlaps with the coordinator's checks)."""
         self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
-                                               maxtasksperchild=1, context=_SpawnNoDaemonContext())
+                                               initargs=(preload,), maxtasksperchild=1,
+                                               context=_SpawnNoDaemonContext())
         self._grace, self._start_timeout = grace, start_timeout
 
     def submit(self, spec: ShardSpec) -> PoolHandle:
@@ -164,16 +175,15 @@ class PoolBackend:
         return PoolHandle(spec, ar, self._grace, self._start_timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Let idle workers exit. A task whose worker was killed never completes, and a plain Pool then waits
-        for it forever (join, and even interpreter exit): in that case, and whenever joining takes too long,
-        the workers are stopped instead of waited for."""
-        if self._pool._cache:  # noqa: SLF001 - lost tasks stay in the cache forever
-            self.terminate()
-            return
-        self._pool.close()
-        if not _bounded(self._pool.join, timeout):
-            log.warning("pool workers did not exit within %.0f s; stopping them", timeout)
-            self.terminate()
+        """Stop the workers once every result is in. They are idle then (each finished its one shard; the pool
+        has started fresh replacements, importing torch), so they are stopped rather than waited for. A task whose
+        worker was killed never completes, and a plain Pool then waits for it forever (join, and even interpreter
+        exit): that case is stopped the same way."""
+        if not self._pool._cache:  # noqa: SLF001 - every result is in: the workers hold nothing worth unwinding
+            for proc in multiprocessing.active_children():
+                if isinstance(proc, _NoDaemonProcess) and proc.exitcode is None:
+                    proc.kill()
+        self.terminate(timeout)
 
     def terminate(self, timeout: float = 5.0) -> None:
         """Stop every worker now (finished chunks are durable), never blocking on the pool's own bookkeeping."""

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from featshard import benchstages as bs
 from featshard.errors import UsageError
-from featshard.extractor import RUNTIME_ENV, tune_process_env
+from featshard.extractor import tune_process_env
 
 log = logging.getLogger("featshard.bench")
 TARGETS = {"seed": {"mobilenet_v2": 3.0, "resnet50": 2.5}, "plain": {"resnet50": 2.0}, "bound": 0.9}
@@ -118,22 +118,18 @@ def bench_model(name: str, cfg: dict[str, Any], lst: Path, paths: list[str], out
     device = "cuda:0" if dev == "cuda" else "cpu"
     for prec, comp in dict.fromkeys([("fp32", False), (precision, False)] + [(precision, True)] * cfg["compile"]):
         jobs[f"model_{prec}" + ("_compiled" if comp else "")] = (
-            lambda p=prec, c=comp: bs.model_rate(name, p, prep, batch, device, c, cfg["seconds"]))
+            lambda p=prec, c=comp: bs.isolated(bs.model_rate, name, p, prep, batch, device, c, cfg["seconds"]))
     argv = ["--model", name, "--weights", "none", *(["--gpus", cfg["gpus"]] if cfg["gpus"] else [])]
-    jobs["run"] = lambda: bs.run_rate(lst, out / name / "run", argv, cfg["user_env"])
-    if cfg["tuned_env"]:
-        jobs["run_tuned"] = lambda: bs.run_rate(lst, out / name / "run-tuned", argv, cfg["tuned_env"])
+    jobs["run"] = lambda: bs.run_rate(lst, out / name / "run", argv)
     if cfg["compile"]:
-        jobs["run_compiled"] = lambda: bs.run_rate(lst, out / name / "run-compiled", argv,
-                                                   {**RUNTIME_ENV, "FEATSHARD_COMPILE": "1"})
+        jobs["run_compiled"] = lambda: bs.run_rate(lst, out / name / "run-compiled", [*argv, "--graph", "compile"])
     if dev == "cuda":
         jobs["decode_device"] = lambda: bs.device_decode_rate(paths, prep, device, procs)
-        jobs["run_gpu_decode"] = lambda: bs.run_rate(lst, out / name / "run-gpu-decode", [*argv, "--decode", "gpu"],
-                                                     {**RUNTIME_ENV})
-    jobs["seed_loop"] = lambda: bs.seed_loop(name, paths, prep)
-    jobs["plain_loader"] = lambda: bs.plain_loader(name, paths, prep, None)
+        jobs["run_gpu_decode"] = lambda: bs.run_rate(lst, out / name / "run-gpu-decode", [*argv, "--decode", "gpu"])
+    jobs["seed_loop"] = lambda: bs.isolated(bs.seed_loop, name, paths, prep)
+    jobs["plain_loader"] = lambda: bs.isolated(bs.plain_loader, name, paths, prep, None)
     if r > 1:
-        jobs["plain_loader_workers"] = lambda: bs.plain_loader(name, paths, prep, procs)
+        jobs["plain_loader_workers"] = lambda: bs.isolated(bs.plain_loader, name, paths, prep, procs)
     rows = interleaved(r, jobs)
     return {"precision": precision, "batch": batch, "images": n, "rows": rows,
             "ratios": ratios(name, rows, precision, dev)}
@@ -144,7 +140,7 @@ def ratios(name: str, rows: dict[str, Any], precision: str, device: str) -> dict
     start included, what a user waits for) and steady state, against the seed loop and the plain DataLoader (both
     timed without building their model)."""
     out: dict[str, Any] = {}
-    for run_key in ("run", "run_tuned", "run_compiled", "run_gpu_decode"):
+    for run_key in ("run", "run_compiled", "run_gpu_decode"):
         model_key = f"model_{precision}" + ("_compiled" if run_key == "run_compiled" else "")
         decode_key = "decode_device" if run_key == "run_gpu_decode" else "decode_fast"
         if run_key not in rows or model_key not in rows:
@@ -183,11 +179,9 @@ def command(args: argparse.Namespace) -> int:
     from featshard.benchreport import plot, table
 
     cfg = settings(args)
-    # the measurements in this process (model only, seed loop, plain DataLoader) get the same OpenMP setting as the
-    # tuned run, so that spin-waiting threads on a busy machine do not inflate featshard's ratios; `run` itself is
-    # measured with the user's environment (cfg["user_env"]) and, as `run_tuned`, with RUNTIME_ENV
+    # every measurement (each in its own process) gets the OpenMP setting `run` gives its workers, so that
+    # spin-waiting threads on a busy machine do not inflate featshard's ratios against the seed loop and DataLoader
     cfg["tuned_env"] = tune_process_env()
-    cfg["user_env"] = {k: None for k in cfg["tuned_env"]}  # unset again for the plain `run` subprocess
     out = Path(args.out).resolve()
     lst = build_set(out / "data", cfg["images"])
     paths = [str(out / "data" / line.strip()) for line in lst.read_text(encoding="utf-8").splitlines()]

@@ -12,8 +12,7 @@ def label(key: str, row: dict[str, Any]) -> str:
     if key.startswith("model_"):
         prec = key[6:].replace("_compiled", " compiled")
         return f"model only {prec} (batch {row.get('batch')}, {row.get('threads')} thr)"
-    names = {"run": "featshard run", "run_tuned": "featshard run, OMP_WAIT_POLICY=PASSIVE",
-             "run_compiled": "featshard run, passive + FEATSHARD_COMPILE=1", "run_gpu_decode":
+    names = {"run": "featshard run", "run_compiled": "featshard run --graph compile", "run_gpu_decode":
              "featshard run --decode gpu", "seed_loop":
              "seed loop (PIL, batch 1, fp32)", "plain_loader": "plain DataLoader (b64, fp32, "
              f"num_workers={row.get('num_workers')})", "plain_loader_workers": "plain DataLoader (b64, fp32, "
@@ -51,7 +50,7 @@ def model_table(name: str, m: dict[str, Any]) -> list[str]:
 def fidelity_lines(f: dict[str, Any]) -> list[str]:
     out = [f"fidelity vs exact decode + fp32 ({f['model']}, {f['weights']} weights, {f['images']} images, "
            f"{f['device']}): cosine mean / min (floor)"]
-    for key in ("decode_fast", "bf16", "fp16", "compiled", "decode_device"):
+    for key in ("graph_jit", "decode_fast", "bf16", "fp16", "compiled", "decode_device"):
         if key in f:
             extra = f" [{f[key].get('precision') or f[key].get('decoder')}]" if len(f[key]) > 3 else ""
             out.append(f"  {key:<14} {f[key]['mean']:.5f} / {f[key]['min']:.5f} (>= {f['floors'][key]}){extra}")

@@ -97,15 +97,26 @@ def device_decode_rate(paths: Sequence[str], prep: Preprocess, device: str, proc
     return timed(len(paths), go)
 
 
+def isolated(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """fn(*args) in a fresh spawned process: what one measurement sets up (a tuned malloc, torch's thread pools, a
+    compiled graph) cannot speed up or slow down the next one, and each starts as a user's script would."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: str, compile: bool,
-               seconds: float) -> dict[str, Any]:
-    """Extractor throughput on random uint8 batches: one warm-up batch (compilation included), then >= `seconds`."""
+               seconds: float, graph: str = "auto") -> dict[str, Any]:
+    """Extractor throughput on random uint8 batches, as a featshard worker runs it (tuned malloc, the graph `auto`
+    picks): one warm-up batch (compilation included), then >= `seconds`."""
     import torch
 
     from featshard.extractor import Extractor
     from featshard.models import ModelSpec
 
-    ext = Extractor(ModelSpec(name, "none", precision=precision), prep, device, compile=compile)
+    ext = Extractor(ModelSpec(name, "none", precision=precision, graph=graph), prep, device, compile=compile,
+                    batch_size=batch)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, prep.crop, prep.crop, 3), np.uint8))
     t = time.perf_counter()
     ext(x)
@@ -120,18 +131,22 @@ def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: 
 
     res = timed(0, go)
     res["images_per_s"] = round(res["images"] / res["wall_s"], 2)
-    return {**res, "batch": batch, "threads": torch.get_num_threads(), "warmup_s": round(warm, 2)}
+    return {**res, "batch": batch, "threads": torch.get_num_threads(), "warmup_s": round(warm, 2),
+            "graph": ext.graph}
 
 
 class TreeRss:
-    """Peak memory of a process and its descendants, sampled (psutil): the tree as the sum of proportional set sizes
-    (pages shared by forked loaders counted once), the coordinator's and the largest child's RSS."""
+    """Peak memory of a process and its descendants, sampled (psutil): the coordinator's and the largest child's RSS
+    at every sample, and the tree as the sum of proportional set sizes (pages shared by forked loaders counted once)
+    every `pss_every` seconds only: reading a torch process's PSS costs ~50 ms of CPU, which at every 0.1 s sample
+    took a third of a 2-core box away from the run being measured."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, pss_every: float = 5.0) -> None:
         import psutil
 
         self.root = psutil.Process(pid)
         self.peak_total = self.peak_main = self.peak_child = 0
+        self.pss_every, self.pss_at = pss_every, time.monotonic() + 1.0
 
     def sample(self) -> None:
         import psutil
@@ -139,10 +154,11 @@ class TreeRss:
         try:
             procs = [self.root, *self.root.children(recursive=True)]
             rss = [p.memory_info().rss for p in procs]
-            pss = sum(p.memory_full_info().pss for p in procs)
+            if time.monotonic() >= self.pss_at:
+                self.pss_at = time.monotonic() + self.pss_every
+                self.peak_total = max(self.peak_total, sum(p.memory_full_info().pss for p in procs))
         except psutil.Error:
             return
-        self.peak_total = max(self.peak_total, pss)
         self.peak_main = max(self.peak_main, rss[0])
         self.peak_child = max([self.peak_child, *rss[1:]])
 
@@ -165,7 +181,7 @@ def run_rate(lst: Path, out: Path, argv: Sequence[str], env: dict[str, str | Non
             rss = TreeRss(proc.pid)
             while proc.poll() is None:
                 rss.sample()
-                time.sleep(0.1)
+                time.sleep(0.2)
             return {"returncode": proc.returncode, **rss.to_dict()}
 
         res = timed(0, go)

@@ -26,6 +26,7 @@ from featshard.plan import Shard, plan_shards
 from featshard.prepare import Prepared, prepare, scan, shard_attrs
 from featshard.report import summarize, verdict
 from featshard.retry import durable_rows
+from featshard.runtime import tune_process_env
 from featshard.worker import ShardResult, ShardSpec, Stopped
 
 log = logging.getLogger("featshard.run")
@@ -88,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-normalize", action="store_true", help="store raw vectors instead of L2-normalised")
     p.add_argument("--dtype", default="float32", help="stored dtype: float32 | float16")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (auto: fastest accurate one)")
+    p.add_argument("--graph", default="auto", choices=("auto", "eager", "jit", "compile"),
+                   help="how the network runs: auto (CPU fp32: TorchScript where it measures faster, else eager), "
+                   "eager, jit (TorchScript), compile (torch.compile: slow first start, worth it for long runs)")
     p.add_argument("--decode", default="fast", choices=("exact", "fast", "gpu"),
                    help="exact: plain PIL; fast: JPEG draft decode + crop folded into resize (default)")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 32 CPU, 128 GPU)")
@@ -135,9 +139,20 @@ def command(args: argparse.Namespace) -> int:
         scanned = scan(args)
         with RunLock(scanned.run_dir, rank):  # before the manifest is read, written or cleared (--overwrite)
             clean_run_tmp(scanned.run_dir, rank, nodes)
-            prepared = prepare(args, devices, nodes, scanned)
-            mine = [s for s in prepared.plan if s.node == rank]
-            outcome = execute(prepared, mine, devices, args, stop)
+            applied = tune_process_env()  # read by the worker processes when they start
+            if applied:
+                log.debug("worker environment: %s", applied)
+            # made now, so the workers start (and import torch) while the model and inputs are checked here
+            backend = make_backend(args.backend, len(devices))
+            try:
+                prepared = prepare(args, devices, nodes, scanned)
+                mine = [s for s in prepared.plan if s.node == rank]
+                outcome = execute(prepared, mine, devices, args, stop, backend)
+            except BaseException:
+                t = time.monotonic()
+                backend.terminate()
+                log.info("workers stopped (%.1f s)", time.monotonic() - t)
+                raise
             return finish(prepared, mine, outcome, rank, nodes)
 
 
@@ -178,22 +193,16 @@ def make_specs(p: Prepared, mine: list[Shard], devices: list[Device], args: argp
 
 
 def execute(p: Prepared, mine: list[Shard], devices: list[Device], args: argparse.Namespace,
-            stop: StopSignals) -> Outcome:
+            stop: StopSignals, backend: Backend) -> Outcome:
+    """Run this node's shards through `backend` (stopped by the caller if this raises)."""
     specs = make_specs(p, mine, devices, args)
     outcome = Outcome(start_rows={s.shard.name: durable_rows(s) for s in specs})
     done = sum(outcome.start_rows.values())
     if done:
         log.info("resuming: %d of %d rows are already done", done, sum(s.shard.rows for s in specs))
     stop.polling = args.backend != "inline"  # inline runs shards in this thread: a signal must interrupt them
-    backend = make_backend(args.backend, len(specs))
     try:
-        await_all(backend, specs, args.max_retries, stop.received, outcome)
-        return outcome
-    except BaseException:
-        t = time.monotonic()
-        backend.terminate()
-        log.info("workers stopped (%.1f s)", time.monotonic() - t)
-        raise
+        return await_all(backend, specs, args.max_retries, stop.received, outcome)
     finally:
         stop.polling = False
 
@@ -222,6 +231,7 @@ def await_all(backend: Backend, specs: list[ShardSpec], max_retries: int, stop: 
                 del pending[name]
                 outcome.errors[name] = f"{type(exc).__name__}: {exc}"
                 log.error("%s failed: %s", name, outcome.errors[name])
+                log.debug("%s traceback", name, exc_info=exc)
     backend.close()
     if stop:
         log.warning("every shard had finished when %s came: the run is complete", signal.Signals(stop[0]).name)

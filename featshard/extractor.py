@@ -6,9 +6,11 @@ the batch's JPEG bytes there (featshard.gpudecode); on a CPU device that mode fa
 
 Speed levers, measured on the 2-core CPU boxes (issue 4): channels_last weights and input (the uint8 NHWC batch viewed
 as NCHW is already channels_last) and bf16 autocast on CPUs with native bf16 roughly double and triple the fp32
-rate. `torch.compile` (opt-in: `compile=True` or FEATSHARD_COMPILE=1) gives about 1.8x more on top (MobileNetV2 and
-ResNet-50, bf16, per CPU-second) after a one-time compilation of 30-120 s per process (Inductor caches it on disk:
-~5 s after the first run): worth it for long runs, not for short ones.
+rate. The graph (featshard.graph): `auto` keeps a TorchScript version where it measurably wins (MobileNetV2 fp32 on
+the AVX2 box: 1.5x); `torch.compile` (`--graph compile`, or FEATSHARD_COMPILE=1) gave about 1.8x more on top
+(MobileNetV2 and ResNet-50, bf16, per CPU-second) after a one-time compilation of 30-120 s per process (Inductor caches
+it on disk: ~5 s after the first run): worth it for long runs, not for short ones. The process's malloc is tuned
+(featshard.runtime: 1.5-2.2x on the AVX2 box, where page faults dominated the model's time).
 """
 from __future__ import annotations
 
@@ -22,16 +24,10 @@ import numpy as np
 from featshard.errors import UsageError
 from featshard.models import ModelSpec, build_model, last_linear
 from featshard.preprocess import Preprocess
+from featshard.runtime import RUNTIME_ENV, tune_malloc, tune_process_env  # noqa: F401 - re-exported
 
 log = logging.getLogger("featshard.extractor")
 _warned_gpu_decode = False
-# Read by libgomp (torch's CPU threads) when a process starts, so it must be in the environment before the worker
-# processes are spawned (`tune_process_env` in the coordinator). OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep
-# instead of spinning, so the model's threads do not steal the cores the decode loaders need, and a descheduled thread
-# does not stall the others at every barrier (2-core box under load: seed loop 0.6-1.9 -> 11-12 img/s, featshard run
-# steady state 10-14 -> 23-31 img/s). glibc's MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ were measured too: within
-# noise (decode +-5%, worker RSS unchanged), so they are not set.
-RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def default_layer(model: Any, eval_nodes: list[str]) -> str:
@@ -87,11 +83,13 @@ class Extractor:
 
     def __init__(self, spec: ModelSpec, prep: Preprocess, device: str, compile: bool | None = None,
                  batch_size: int | None = None) -> None:
-        """`compile` (default: env FEATSHARD_COMPILE=1) wraps the model in `torch.compile` and compiles it here, for
-        batches of `batch_size` (default: the run's default, 32 on CPU, 128 on GPU); smaller batches are padded."""
+        """The network runs as `spec.graph` says (featshard.graph); `compile=True` (or env FEATSHARD_COMPILE=1 when
+        `compile` is None) forces torch.compile, compiled here for batches of `batch_size` (default: the run's
+        default, 32 on CPU, 128 on GPU; smaller batches are padded)."""
         import torch
         from torchvision.models.feature_extraction import create_feature_extractor
 
+        tune_malloc()
         self.spec, self.prep, self.device = spec, prep, torch.device(device)
         self.pad_to = 0  # compiled: batches are padded to the largest size seen (one static shape, no recompiles)
         self.compiled = False
@@ -105,11 +103,33 @@ class Extractor:
         self.device_decode = prep.decode == "gpu" and self.device.type == "cuda"
         if prep.decode == "gpu" and not self.device_decode:
             _warn_gpu_decode_fallback(str(self.device))
-        self.compiled = os.environ.get("FEATSHARD_COMPILE", "0") == "1" if compile is None else bool(compile)
-        if self.compiled:
-            self.net = torch.compile(self.net, dynamic=False)
-            size = batch_size or (128 if self.device.type == "cuda" else 32)
-            self.forward_device(self.to_device(np.zeros((size, prep.crop, prep.crop, 3), np.uint8)))
+        if compile is None:
+            compile = os.environ.get("FEATSHARD_COMPILE", "0") == "1"
+        self.graph, self.graph_info = self._set_graph("compile" if compile else spec.graph, batch_size)
+
+    def _set_graph(self, graph: str, batch_size: int | None) -> tuple[str, dict[str, float]]:
+        from featshard.graph import check_graph, choose_cpu_graph, to_torchscript
+
+        check_graph(graph, self.spec.precision)
+        size = batch_size or (128 if self.device.type == "cuda" else 32)
+        if graph == "compile":
+            import torch
+
+            self.net, self.compiled = torch.compile(self.net, dynamic=False), True
+            self.forward_device(self.to_device(np.zeros((size, self.prep.crop, self.prep.crop, 3), np.uint8)))
+            return "compile", {}
+        if graph == "eager" or (graph == "auto" and (self.device.type != "cpu" or self.spec.precision != "fp32")):
+            return "eager", {}
+        rng = np.random.default_rng(0)  # photo-free but not constant input: a constant image hides fusion errors
+        example = self.to_device(rng.integers(0, 256, (min(size, 8), self.prep.crop, self.prep.crop, 3), np.uint8))
+        if graph == "jit":
+            self.net = to_torchscript(self.net, example)
+            return "jit", {}
+        self.net, chosen, info = choose_cpu_graph(self.net, example, self._pooled)
+        return chosen, info
+
+    def _pooled(self, out: Any) -> Any:
+        return pool_features(out["feat"], self.spec.pool)
 
     def autocast(self) -> Any:
         import torch
@@ -159,7 +179,7 @@ class Extractor:
                 x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))]).contiguous(
                     memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
-            feats = pool_features(self.net(x)["feat"], self.spec.pool)[:n].float()
+            feats = self._pooled(self.net(x))[:n].float()
         if self.spec.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
         return feats
@@ -176,12 +196,3 @@ def _warn_gpu_decode_fallback(device: str) -> None:
     if not _warned_gpu_decode:
         log.warning("--decode gpu needs a CUDA device; %s decodes on the CPU instead (same as --decode fast)", device)
         _warned_gpu_decode = True
-
-
-def tune_process_env(env: Any = None) -> dict[str, str]:
-    """Set RUNTIME_ENV in `env` (default os.environ) where the user has not set those variables; returns what it set.
-    Call before spawning worker processes: they read these at start."""
-    target = os.environ if env is None else env
-    applied = {k: v for k, v in RUNTIME_ENV.items() if k not in target}
-    target.update(applied)
-    return applied

@@ -25,6 +25,7 @@ class ModelSpec:
     normalize: bool = True
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (see resolve_precision)
     seed: int = 0
+    graph: str = "eager"  # eager | jit | compile | auto (featshard.graph; `run --graph` defaults to auto)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

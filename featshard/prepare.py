@@ -11,13 +11,14 @@ import logging
 import os
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from featshard import __version__
 from featshard.devices import Device
 from featshard.errors import FeatshardError, UsageError
+from featshard.graph import check_graph
 from featshard.inputs import InputSource, open_input, scan_input
 from featshard.manifest import diff_fields, fingerprint_of, manifest_path, load_manifest, write_manifest
 from featshard.models import ModelSpec, check_model_name, preprocess_for, resolve_precision, weights_identity
@@ -79,16 +80,18 @@ def model_spec(args: Any, device_kind: str) -> ModelSpec:
         weights = os.path.abspath(os.path.expanduser(weights))
     if args.pool not in ("avg", "max", "gem"):
         raise UsageError(f"--pool {args.pool!r}: choose avg, max or gem")
+    precision = resolve_precision(args.precision, device_kind)
+    graph = getattr(args, "graph", "auto")
+    check_graph(graph, precision)
     return ModelSpec(name=args.model, weights=weights, layer=args.layer, pool=args.pool,
-                     normalize=not args.no_normalize, precision=resolve_precision(args.precision, device_kind),
-                     seed=args.seed)
+                     normalize=not args.no_normalize, precision=precision, seed=args.seed, graph=graph)
 
 
 def probe_model(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
     """Build the model once here so a bad model/layer/weights file fails before any worker starts."""
     from featshard.extractor import Extractor
 
-    ext = Extractor(spec, prep, "cpu")
+    ext = Extractor(replace(spec, graph="eager"), prep, "cpu", compile=False)  # the workers choose their graph
     return ext.layer, ext.dim
 
 

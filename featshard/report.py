@@ -7,7 +7,7 @@ from featshard.plan import Shard
 from featshard.prepare import Prepared
 from featshard.worker import ShardResult
 
-STAGES = ("load_model", "wait_data", "h2d", "model", "write")
+STAGES = ("load_model", "wait_first", "wait_data", "h2d", "model", "write")  # wait_first: loaders starting
 
 
 def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors: dict[str, str],
@@ -28,7 +28,9 @@ def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors
         "retried_rows": sum(r.retried_rows for r in results), "recovered_rows": sum(r.recovered_rows for r in results),
         "wall_seconds": round(wall, 3), "images_per_s": round(extracted / wall, 2) if wall > 0 else 0.0,
         "shards": per_shard, "errors": errors, "complete": not errors and len(results) == len(mine),
-        "stages": stages, "verdict": verdict_of(stages) if results or not errors else "no shard completed: see errors",
+        "stages": stages, "graphs": sorted({r.graph for r in results if r.graph}),
+        "verdict": verdict_of(stages, p.model.precision, p.prep.decode) if results or not errors
+        else "no shard completed: see errors",
     }
 
 
@@ -37,6 +39,7 @@ def shard_entry(r: ShardResult, resumed: int, retries: list[int]) -> dict[str, A
         "shard": r.shard, "device": r.device, "rows": r.rows, "ok": r.ok, "failed": r.failed,
         "resumed_rows": resumed, "processed_rows": r.rows - resumed, "seconds": round(r.seconds, 3),
         "images_per_s": round(r.images_per_s, 2), "stages": {k: round(v, 3) for k, v in r.stages.items()},
+        "graph": r.graph,
         "retried_rows": r.retried_rows, "recovered_rows": r.recovered_rows,
         "retries": len(retries), "retry_resumed_rows": retries,
         "last_attempt": {"resumed_rows": r.resumed_rows, "processed_rows": r.processed_rows},
@@ -47,19 +50,22 @@ def total_stages(results: list[ShardResult]) -> dict[str, float]:
     return {k: round(sum(r.stages.get(k, 0.0) for r in results), 3) for k in STAGES}
 
 
-def verdict_of(stages: dict[str, float]) -> str:
-    """Which stage bound the run, and what to change."""
+def verdict_of(stages: dict[str, float], precision: str = "fp32", decode: str = "fast") -> str:
+    """Which stage bound the run (steady state: the loaders' start-up is not counted), and what to change."""
     busy = stages.get("model", 0.0) + stages.get("h2d", 0.0)
     wait, write = stages.get("wait_data", 0.0), stages.get("write", 0.0)
     total = busy + wait + write
     if total <= 0:
         return "nothing processed (everything was already done)"
     if wait > 0.25 * total:
+        hint = "use --decode fast, " if decode == "exact" else ""
         return (f"decode-bound: {100 * wait / total:.0f}% of the worker's time spent waiting for images; add "
-                "--loader-workers, use --decode fast, or install pillow-simd (make install-simd)")
+                f"--loader-workers, {hint}or install pillow-simd (make install-simd)")
     if write > 0.25 * total:
         return f"write-bound: {100 * write / total:.0f}% of the time writing; use a faster disk or --dtype float16"
-    return (f"model-bound: {100 * busy / total:.0f}% of the time in the model; use --precision auto (bf16/fp16), "
+    hint = ("--precision auto chose fp32 (no native bf16 here): use a GPU or a CPU with bf16, "
+            if precision == "fp32" else "")
+    return (f"model-bound: {100 * busy / total:.0f}% of the time in the model; {hint}--graph compile for long runs, "
             "a bigger --batch-size, or more devices")
 
 

@@ -86,10 +86,21 @@ class BatchStream:
     will not end). A loader process that dies (out of memory, a crashing decoder) is replaced and its batch tried
     again once; if the loader dies on it again, that batch is recorded as failed (`error`)."""
 
-    def __init__(self, spec: Any, pending: list[tuple[int, int]], pin: bool) -> None:
-        self.spec, self.pending, self.pin = spec, pending, pin
+    def __init__(self, spec: Any, pending: list[tuple[int, int]], pin: bool, device_decode: bool = False) -> None:
+        self.spec, self.pending, self.pin, self.device_decode = spec, pending, pin, device_decode
         self.delivered = 0
         self.died_at = -1
+        self._started: Iterator[Any] | None = None
+
+    def start(self) -> "BatchStream":
+        """Start the loader processes now (they fork from this process, so before the model makes it big) and let
+        them decode the first batches while the model loads."""
+        from featshard.loader import make_loader
+
+        if self._started is None:
+            self._started = iter(make_loader(_Skip(self._batches(), self.delivered), self.spec.prep,
+                                              self.spec.loader_workers, self.pin, self.device_decode))
+        return self
 
     def _batches(self) -> Any:
         from featshard.loader import ChunkBatches
@@ -102,7 +113,9 @@ class BatchStream:
         while True:
             rest = _Skip(self._batches(), self.delivered)
             try:
-                batches = iter(make_loader(rest, self.spec.prep, self.spec.loader_workers, self.pin))
+                batches = self._started if self._started is not None else iter(make_loader(
+                    rest, self.spec.prep, self.spec.loader_workers, self.pin, self.device_decode))
+                self._started = None  # a loader that died or stalled is replaced by a fresh one
                 for batch in _LoaderDeaths(batches):
                     self.delivered += 1
                     yield batch
@@ -232,7 +245,8 @@ def extract_rows(spec: Any, extractor: Any, items: list[Item],
 
     batches = [items[i: i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]
     loader = make_loader(batches, spec.prep, min(spec.loader_workers, len(batches)),
-                         pin=str(extractor.device).startswith("cuda"))
+                         pin=str(extractor.device).startswith("cuda"),
+                         device_decode=getattr(extractor, "device_decode", False))
     outcome: dict[int, np.ndarray | str] = {}
     for batch in loader:
         feats = run_model(extractor, batch, stages)

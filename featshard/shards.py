@@ -14,10 +14,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
+
+from featshard.errors import FeatshardError
 
 STR = h5py.string_dtype("utf-8")
 DATASETS = ("names", "rows", "features", "failed_rows", "failed_names", "failed_reasons")
@@ -240,3 +242,30 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+class WriteError(FeatshardError):
+    """A shard or chunk file could not be written (disk full, file too large, read-only filesystem)."""
+
+
+def guarded_write(path: str | os.PathLike[str], write: Callable[[], Any]) -> Any:
+    """Run `write` (which writes `path` via `path.tmp-<pid>`); turn a failed write (h5py raises OSError or, when
+    closing, RuntimeError) into a WriteError that says how to go on, after removing the partial temp file (it may be
+    what filled the disk)."""
+    try:
+        return write()
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "errno" not in str(exc):
+            raise  # not a write error (e.g. torch reporting a dead loader process)
+        Path(f"{path}.tmp-{os.getpid()}").unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {_describe(exc)}. No shard was marked complete; free space (or fix "
+                         "the file system), then rerun the same command: it resumes from the finished chunks") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """The OS reason of a write error (h5py hides it in a long message as `errno = N`), then the first line."""
+    import re
+
+    code = getattr(exc, "errno", None) or next((int(m) for m in re.findall(r"errno = (\d+)", str(exc))), None)
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return f"{os.strerror(code)} ({first})" if code else f"{type(exc).__name__}: {first}"

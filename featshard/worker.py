@@ -10,8 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +23,9 @@ from featshard.plan import Shard, chunk_ranges
 from featshard.preprocess import Preprocess
 from featshard.progress import Progress
 from featshard.retry import BatchStream, clean_stale, durable_chunks
+from featshard.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
 
 log = logging.getLogger("featshard.worker")
-
-
-class WriteError(FeatshardError):
-    """A shard or chunk file could not be written (disk full, file too large, read-only filesystem)."""
 
 
 class Stopped(FeatshardError):
@@ -69,6 +65,7 @@ class ShardResult:
     pid: int = field(default_factory=os.getpid)
     retried_rows: int = 0  # --retry-failed: failed rows processed again
     recovered_rows: int = 0  # ... of which now have a feature
+    graph: str = ""  # how the network ran (featshard.graph), "" when no model was needed
 
     @property
     def images_per_s(self) -> float:
@@ -110,12 +107,18 @@ class LazyExtractor:
         self.spec, self.device, self.stages = spec, device, stages
         self._ext: Any = None
 
+    @property
+    def graph(self) -> str:
+        return "" if self._ext is None else str(getattr(self._ext, "graph", ""))
+
     def get(self) -> Any:
         if self._ext is None:
             from featshard.extractor import Extractor
 
             t = time.monotonic()
-            self._ext = Extractor(self.spec.model, self.spec.prep, self.device)
+            self._ext = Extractor(self.spec.model, self.spec.prep, self.device, batch_size=self.spec.batch_size)
+            log.info("%s: model %s on %s, %s, graph %s", self.spec.shard.name, self.spec.model.name, self.device,
+                     self.spec.model.precision, self._ext.graph)
             self.stages["load_model"] += time.monotonic() - t
         return self._ext
 
@@ -132,7 +135,7 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     if shards.is_complete(final) and not spec.retry_failed:
         return _done_result(spec, final, t0)
     progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows)
-    stages = {"load_model": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+    stages = {"load_model": 0.0, "wait_first": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
     extractor = LazyExtractor(spec, device, stages)
     try:
         retried, recovered = _retry(spec, extractor, progress, stages) if spec.retry_failed else (0, 0)
@@ -150,6 +153,7 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     progress.set(force=True, state="complete", stage="done")
     res = _done_result(spec, final, t0, resumed=resumed, processed=processed, stages=stages)
     res.retried_rows, res.recovered_rows = retried, recovered
+    res.graph = extractor.graph
     log.info("%s done: %d ok, %d failed, %.1f images/s", spec.shard.name, res.ok, res.failed, res.images_per_s)
     return res
 
@@ -181,10 +185,11 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
     if not pending:
         return resumed, 0
     shards.parts_dir(spec.run_dir, spec.shard.name).mkdir(parents=True, exist_ok=True)
-    ext = extractor.get()
+    cuda = extractor.device.startswith("cuda")
+    stream = BatchStream(spec, pending, cuda, device_decode=cuda and spec.prep.decode == "gpu").start()
+    ext = extractor.get()  # while the loaders decode the first batches
     progress.set(force=True, stage="extracting")
-    return resumed, _consume(spec, ext, BatchStream(spec, pending, extractor.device.startswith("cuda")), pending,
-                             stages, progress)
+    return resumed, _consume(spec, ext, stream, pending, stages, progress)
 
 
 def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
@@ -201,9 +206,11 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
     while True:
         t = time.monotonic()
         batch = next(it, None)
-        stages["wait_data"] += time.monotonic() - t
+        waited = time.monotonic() - t
+        stages["wait_first" if not processed else "wait_data"] += waited  # the first: loaders starting, pipeline fill
         if batch is None:
             break
+        log.debug("%s: batch of %d after %.3f s", spec.shard.name, batch.size, waited)
         buf.add(batch, run_model(extractor, batch, stages))
         processed += batch.size
         bar.update(batch.size)
@@ -240,29 +247,6 @@ def _sync(device: Any) -> None:
         import torch
 
         torch.cuda.synchronize(device)
-
-
-def guarded_write(path: str | os.PathLike[str], write: Callable[[], Any]) -> Any:
-    """Run `write` (which writes `path` via `path.tmp-<pid>`); turn a failed write (h5py raises OSError or, when
-    closing, RuntimeError) into a WriteError that says how to go on, after removing the partial temp file (it may be
-    what filled the disk)."""
-    try:
-        return write()
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "errno" not in str(exc):
-            raise  # not a write error (e.g. torch reporting a dead loader process)
-        Path(f"{path}.tmp-{os.getpid()}").unlink(missing_ok=True)
-        raise WriteError(f"cannot write {path}: {_describe(exc)}. No shard was marked complete; free space (or fix "
-                         "the file system), then rerun the same command: it resumes from the finished chunks") from None
-
-
-def _describe(exc: BaseException) -> str:
-    """The OS reason of a write error (h5py hides it in a long message as `errno = N`), then the first line."""
-    import re
-
-    code = getattr(exc, "errno", None) or next((int(m) for m in re.findall(r"errno = (\d+)", str(exc))), None)
-    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return f"{os.strerror(code)} ({first})" if code else f"{type(exc).__name__}: {first}"
 
 
 def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, float]) -> None:

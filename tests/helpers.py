@@ -82,4 +82,6 @@ def read_all(run: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-FAST = ["--model", "mobilenet_v2", "--batch-size", "4", "--loader-workers", "1", "--precision", "fp32"]
+# --graph eager: the same vectors in every test run (auto picks by timing); tests of auto pass it themselves
+FAST = ["--model", "mobilenet_v2", "--batch-size", "4", "--loader-workers", "1", "--precision", "fp32",
+        "--graph", "eager"]

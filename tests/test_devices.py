@@ -65,3 +65,18 @@ def test_pin_device_sets_env(monkeypatch):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
     assert pin_device(Device("cpu", 0), cpu_threads=1) == "cpu"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_no_nvidia_driver_means_no_gpu_without_importing_torch(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from featshard.devices import nvidia_driver_present
+
+    assert not nvidia_driver_present((str(tmp_path / "nope"),))
+    assert nvidia_driver_present((str(tmp_path),))
+    if nvidia_driver_present():
+        return  # a GPU machine: the count needs torch there
+    code = "import sys; from featshard.devices import parse_gpus; print(parse_gpus(None), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[Device(kind='cpu', index=0)] False"

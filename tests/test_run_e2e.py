@@ -101,3 +101,32 @@ def test_inline_and_pool_backends_give_identical_shards(corpus: tuple[Path, list
                 np.testing.assert_allclose(a[name][key], b[name][key], rtol=0, atol=1e-6)
             else:
                 assert a[name][key].tolist() == b[name][key].tolist(), (name, key)
+
+
+def test_graph_choice_is_recorded_and_keeps_the_vectors(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """`--graph auto` (the default) and `jit` give the eager vectors; summary.json says what each worker ran."""
+    lst, _ = corpus
+    base = [a for a in FAST if a not in ("--graph", "eager")]
+    common = ["--input", str(lst), "--gpus", "cpu:1", "--weights", "none", *base]
+    outs = {}
+    for graph in ("eager", "auto", "jit"):
+        outs[graph] = tmp_path / graph
+        args = ["--graph", graph] if graph != "auto" else []
+        cli("run", "--out", str(outs[graph]), *common, *args, check=True)
+        summary = json.loads((outs[graph] / "summary.json").read_text())
+        assert summary["graphs"] == ([graph] if graph != "auto" else summary["graphs"])
+        assert summary["graphs"][0] in ("eager", "jit") and summary["shards"][0]["graph"] == summary["graphs"][0]
+        assert "wait_first" in summary["stages"]
+    ref = read_all(outs["eager"])
+    for graph in ("auto", "jit"):
+        other = read_all(outs[graph])
+        for name in ref:
+            np.testing.assert_allclose(other[name]["features"], ref[name]["features"], rtol=0, atol=1e-5)
+
+
+def test_jit_below_fp32_is_refused_before_any_work(corpus: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    lst, _ = corpus
+    res = cli("run", "--input", str(lst), "--out", str(tmp_path / "r"), "--weights", "none", "--graph", "jit",
+              "--precision", "bf16")
+    assert res.returncode == 2 and "fp32 only" in res.stderr
+    assert not (tmp_path / "r" / "manifest.json").exists()
