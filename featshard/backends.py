@@ -87,7 +87,7 @@ class _SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):  # type
     Process = _NoDaemonProcess
 
 
-def _worker_init(preload: tuple[str, ...] = ()) -> None:
+def _worker_init(preload: tuple[str, ...] = (), preloads_left: Any = None) -> None:
     # The coordinator owns Ctrl-C: it stops workers itself and tells the user how to resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stop is a SIGTERM: unwind (the current batch is dropped, loader processes are shut down, the progress
@@ -96,6 +96,9 @@ def _worker_init(preload: tuple[str, ...] = ()) -> None:
     # Loader processes forked from here keep the default: a SIGTERM must end one even while it is stuck in a read
     # that only a fatal signal interrupts (a stalled network mount), which a Python handler never gets to run for.
     os.register_at_fork(after_in_child=_default_sigterm)
+    if preloads_left is not None:  # only the first workers: a replacement (after a shard) may never get a task
+        with preloads_left.get_lock():
+            preload, preloads_left.value = (preload, preloads_left.value - 1) if preloads_left.value > 0 else ((), 0)
     for module in preload:  # importing torch does not initialise CUDA: pin_device still comes first
         try:
             importlib.import_module(module)
@@ -162,9 +165,10 @@ class PoolBackend:
                  preload: tuple[str, ...] = PRELOAD) -> None:
         """`preload`: modules each worker imports as soon as it starts, before it gets a shard (the pool is made
         early, so the workers' `import torch`, ~5 s on the 2-core box, overlaps with the coordinator's checks)."""
+        ctx = _SpawnNoDaemonContext()
+        left = ctx.Value("i", max(1, processes))  # each shard's replacement worker would import torch for nothing
         self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
-                                               initargs=(preload,), maxtasksperchild=1,
-                                               context=_SpawnNoDaemonContext())
+                                               initargs=(preload, left), maxtasksperchild=1, context=ctx)
         self._grace, self._start_timeout = grace, start_timeout
 
     def submit(self, spec: ShardSpec) -> PoolHandle:
