@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from featshard import benchstages as bs
 from featshard.errors import UsageError
-from featshard.extractor import tune_process_env
+from featshard.runtime import tune_process_env
 
 log = logging.getLogger("featshard.bench")
 TARGETS = {"seed": {"mobilenet_v2": 3.0, "resnet50": 2.5}, "plain": {"resnet50": 2.0}, "bound": 0.9}

@@ -114,7 +114,9 @@ def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: 
 
     from featshard.extractor import Extractor
     from featshard.models import ModelSpec
+    from featshard.runtime import tune_malloc
 
+    tune_malloc()  # as the worker does
     ext = Extractor(ModelSpec(name, "none", precision=precision, graph=graph), prep, device, compile=compile,
                     batch_size=batch)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, prep.crop, prep.crop, 3), np.uint8))

@@ -9,8 +9,8 @@ as NCHW is already channels_last) and bf16 autocast on CPUs with native bf16 rou
 rate. The graph (featshard.graph): `auto` keeps a TorchScript version where it measurably wins (MobileNetV2 fp32 on
 the AVX2 box: 1.5x); `torch.compile` (`--graph compile`, or FEATSHARD_COMPILE=1) gave about 1.8x more on top
 (MobileNetV2 and ResNet-50, bf16, per CPU-second) after a one-time compilation of 30-120 s per process (Inductor caches
-it on disk: ~5 s after the first run): worth it for long runs, not for short ones. The process's malloc is tuned
-(featshard.runtime: 1.5-2.2x on the AVX2 box, where page faults dominated the model's time).
+it on disk: ~5 s after the first run): worth it for long runs, not for short ones. The worker tunes its process's
+malloc before building one (featshard.runtime: 1.5-2.2x on the AVX2 box, where page faults dominated the model).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import numpy as np
 from featshard.errors import UsageError
 from featshard.models import ModelSpec, build_model, last_linear
 from featshard.preprocess import Preprocess
-from featshard.runtime import RUNTIME_ENV, tune_malloc, tune_process_env  # noqa: F401 - re-exported
 
 log = logging.getLogger("featshard.extractor")
 _warned_gpu_decode = False
@@ -89,7 +88,6 @@ class Extractor:
         import torch
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        tune_malloc()
         self.spec, self.prep, self.device = spec, prep, torch.device(device)
         self.pad_to = 0  # compiled: batches are padded to the largest size seen (one static shape, no recompiles)
         self.compiled = False

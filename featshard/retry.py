@@ -95,12 +95,16 @@ class BatchStream:
     def start(self) -> "BatchStream":
         """Start the loader processes now (they fork from this process, so before the model makes it big) and let
         them decode the first batches while the model loads."""
+        if self._started is None:
+            self._started = self._new_loader()
+        return self
+
+    def _new_loader(self) -> Iterator[Any]:
+        """A loader (its processes started) over the batches not yet delivered."""
         from featshard.loader import make_loader
 
-        if self._started is None:
-            self._started = iter(make_loader(_Skip(self._batches(), self.delivered), self.spec.prep,
-                                              self.spec.loader_workers, self.pin, self.device_decode))
-        return self
+        return iter(make_loader(_Skip(self._batches(), self.delivered), self.spec.prep, self.spec.loader_workers,
+                                self.pin, self.device_decode))
 
     def _batches(self) -> Any:
         from featshard.loader import ChunkBatches
@@ -108,13 +112,9 @@ class BatchStream:
         return ChunkBatches(self.spec.source, self.pending, self.spec.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
-        from featshard.loader import make_loader
-
         while True:
-            rest = _Skip(self._batches(), self.delivered)
             try:
-                batches = self._started if self._started is not None else iter(make_loader(
-                    rest, self.spec.prep, self.spec.loader_workers, self.pin, self.device_decode))
+                batches = self._started if self._started is not None else self._new_loader()
                 self._started = None  # a loader that died or stalled is replaced by a fresh one
                 for batch in _LoaderDeaths(batches):
                     self.delivered += 1

@@ -114,7 +114,9 @@ class LazyExtractor:
     def get(self) -> Any:
         if self._ext is None:
             from featshard.extractor import Extractor
+            from featshard.runtime import tune_malloc
 
+            tune_malloc()  # after the loaders forked (decode measured no faster tuned), before the model's first batch
             t = time.monotonic()
             self._ext = Extractor(self.spec.model, self.spec.prep, self.device, batch_size=self.spec.batch_size)
             log.info("%s: model %s on %s, %s, graph %s", self.spec.shard.name, self.spec.model.name, self.device,

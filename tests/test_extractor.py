@@ -123,7 +123,7 @@ def test_batch_to_device_releases_pixels_and_decodes_jpeg_bytes(tmp_path: Path, 
 
 
 def test_tune_process_env_only_fills_what_the_user_left_unset() -> None:
-    from featshard.extractor import RUNTIME_ENV, tune_process_env
+    from featshard.runtime import RUNTIME_ENV, tune_process_env
 
     env: dict[str, str] = {}
     assert tune_process_env(env) == RUNTIME_ENV and env == RUNTIME_ENV
