@@ -13,16 +13,16 @@ from featshard.logs import setup_logging
 
 # command name -> (module, one-line help). Each module defines add_arguments(parser) and command(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("featshard.coordinator", "extract features of an image list into HDF5 shards"),
-    "merge": ("featshard.merge", "build one faiss index from a run's shards"),
-    "search": ("featshard.search", "find the nearest images of query images"),
-    "verify": ("featshard.verify", "check that every input row is accounted for exactly once"),
-    "dedup": ("featshard.dedup", "find exact and near-duplicate groups"),
-    "add": ("featshard.add", "add another run's vectors to an existing index"),
-    "status": ("featshard.status", "per-shard progress of a run, live or after a crash"),
-    "slurm": ("featshard.slurm", "write (and submit) SLURM job-array scripts for a run"),
-    "bench": ("featshard.bench", "measure decode, model and end-to-end throughput side by side"),
-    "demo": ("featshard.demo", "build the embedded demo set and run run/merge/search on it"),
+    "run": ("featshard.runner.coordinator", "extract features of an image list into HDF5 shards"),
+    "merge": ("featshard.index.merge", "build one faiss index from a run's shards"),
+    "search": ("featshard.index.search", "find the nearest images of query images"),
+    "verify": ("featshard.runner.verify", "check that every input row is accounted for exactly once"),
+    "dedup": ("featshard.index.dedup", "find exact and near-duplicate groups"),
+    "add": ("featshard.index.add", "add another run's vectors to an existing index"),
+    "status": ("featshard.runner.status", "per-shard progress of a run, live or after a crash"),
+    "slurm": ("featshard.runner.slurm", "write (and submit) SLURM job-array scripts for a run"),
+    "bench": ("featshard.tools.bench", "measure decode, model and end-to-end throughput side by side"),
+    "demo": ("featshard.tools.demo", "build the embedded demo set and run run/merge/search on it"),
 }
 
 

@@ -1,7 +1,7 @@
 """A bad / odd image corpus (issue 3, "Bad input"), generated with numpy + Pillow from a fixed seed; no fixtures.
 
 `make_corpus(folder)` writes every entry into `folder` (best a fresh, empty one) and returns
-`[(relative file name, expected reason or None for success), ...]`, reasons as in `featshard.decode.REASONS`.
+`[(relative file name, expected reason or None for success), ...]`, reasons as in `featshard.extract.decode.REASONS`.
 
 Notes for callers:
 - `missing.jpg` is listed but never created; `dangling_link.jpg` points at nothing.

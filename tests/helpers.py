@@ -73,7 +73,7 @@ def read_all(run: Path) -> dict[str, dict[str, np.ndarray]]:
     """Every dataset of every finished shard of a run, by file name."""
     import h5py
 
-    from featshard import shards
+    from featshard.store import shards
 
     out = {}
     for path in sorted((run / "shards").glob("shard-*.h5")):

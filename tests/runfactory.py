@@ -7,9 +7,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from featshard.manifest import write_manifest
-from featshard.plan import shard_name, split_rows
-from featshard.shards import Block, shard_path, shards_dir, write_block
+from featshard.store.manifest import write_manifest
+from featshard.store.plan import shard_name, split_rows
+from featshard.store.shards import Block, shard_path, shards_dir, write_block
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 50, spread: float = 0.15) -> np.ndarray:

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from runfactory import clustered, make_run
 
-from featshard import add, cli, merge
-from featshard import index as fx
+from featshard import cli
+from featshard.index import add
+from featshard.index import merge
+from featshard.index import reader as fx
 from featshard.errors import FeatshardError, UsageError
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower

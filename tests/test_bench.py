@@ -9,10 +9,10 @@ import pytest
 from helpers import cli, mobilenet_weights
 from PIL import Image
 
-from featshard import benchdata
-from featshard.benchfidelity import FLOORS, below_floor, cosine_stats, fidelity
-from featshard.decode import load_image
-from featshard.models import cpu_has_bf16, preprocess_for
+from featshard.tools import benchdata
+from featshard.tools.benchfidelity import FLOORS, below_floor, cosine_stats, fidelity
+from featshard.extract.decode import load_image
+from featshard.extract.models import cpu_has_bf16, preprocess_for
 
 
 def test_plan_has_the_size_mix_and_some_png() -> None:

@@ -1,4 +1,4 @@
-"""featshard.decode: every corpus entry ends as a crop or a classified failure; exact == torchvision; fast ~ exact."""
+"""featshard.extract.decode: every corpus entry ends as a crop or a classified failure; exact == torchvision; fast ~ exact."""
 from __future__ import annotations
 
 import os
@@ -14,11 +14,11 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-import featshard.decode as decode
-import featshard.resizecrop as resizecrop
+import featshard.extract.decode as decode
+import featshard.extract.resizecrop as resizecrop
 from corpus import cmyk_array, corpus_names, make_corpus, photo
-from featshard.decode import REASONS, ImageFailure, load_image
-from featshard.preprocess import Preprocess
+from featshard.extract.decode import REASONS, ImageFailure, load_image
+from featshard.extract.preprocess import Preprocess
 
 # decode refuses those images itself; Pillow's warning for them is silenced by decode, but pytest re-enables it
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -13,7 +13,9 @@ from helpers import FAST, mobilenet_weights
 from PIL import Image
 from runfactory import make_run, normalize
 
-from featshard import cli, dedup, merge
+from featshard import cli
+from featshard.index import dedup
+from featshard.index import merge
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower
 

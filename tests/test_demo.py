@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featshard import demo
+from featshard.tools import demo
 from featshard.errors import FeatshardError, UsageError
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from featshard.devices import Device, parse_gpus, physical_id, pin_device
+from featshard.runner.devices import Device, parse_gpus, physical_id, pin_device
 from featshard.errors import UsageError
 
 
@@ -71,12 +71,12 @@ def test_no_nvidia_driver_means_no_gpu_without_importing_torch(tmp_path, monkeyp
     import subprocess
     import sys
 
-    from featshard.devices import nvidia_driver_present
+    from featshard.runner.devices import nvidia_driver_present
 
     assert not nvidia_driver_present((str(tmp_path / "nope"),))
     assert nvidia_driver_present((str(tmp_path),))
     if nvidia_driver_present():
         return  # a GPU machine: the count needs torch there
-    code = "import sys; from featshard.devices import parse_gpus; print(parse_gpus(None), 'torch' in sys.modules)"
+    code = "import sys; from featshard.runner.devices import parse_gpus; print(parse_gpus(None), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[Device(kind='cpu', index=0)] False"

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from featshard import demo
+from featshard.tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

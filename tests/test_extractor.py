@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from featshard import extractor as extractor_module
+from featshard.extract import extractor as extractor_module
 from featshard.errors import UsageError
-from featshard.extractor import Extractor, pool_features, resolve_layer
-from featshard.models import ModelSpec, preprocess_for
+from featshard.extract.extractor import Extractor, pool_features, resolve_layer
+from featshard.extract.models import ModelSpec, preprocess_for
 
 PREP = preprocess_for("mobilenet_v2", "none")
 
@@ -95,7 +95,7 @@ def test_gpu_decode_on_cpu_falls_back_and_says_so_once(caplog: pytest.LogCapture
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(extractor_module, "_warned_gpu_decode", False)
     prep = replace(PREP, decode="gpu")
-    with caplog.at_level(logging.WARNING, logger="featshard.extractor"):
+    with caplog.at_level(logging.WARNING, logger="featshard.extract.extractor"):
         first = Extractor(ModelSpec("mobilenet_v2", "none", precision="fp32"), prep, "cpu")
         Extractor(ModelSpec("mobilenet_v2", "none", precision="fp32"), prep, "cpu")
     assert not first.device_decode
@@ -107,8 +107,8 @@ def test_batch_to_device_releases_pixels_and_decodes_jpeg_bytes(tmp_path: Path, 
     same features; either way the batch keeps its rows but no longer its pixels."""
     from helpers import make_images
 
-    from featshard.inputs import Item
-    from featshard.loader import make_loader
+    from featshard.store.inputs import Item
+    from featshard.extract.loader import make_loader
 
     paths = make_images(tmp_path, 4)
     items = [[Item(i, p.name, str(p)) for i, p in enumerate(paths)]]
@@ -123,7 +123,7 @@ def test_batch_to_device_releases_pixels_and_decodes_jpeg_bytes(tmp_path: Path, 
 
 
 def test_tune_process_env_only_fills_what_the_user_left_unset() -> None:
-    from featshard.runtime import RUNTIME_ENV, tune_process_env
+    from featshard.runner.runtime import RUNTIME_ENV, tune_process_env
 
     env: dict[str, str] = {}
     assert tune_process_env(env) == RUNTIME_ENV and env == RUNTIME_ENV

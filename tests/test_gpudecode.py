@@ -15,10 +15,10 @@ import torch
 from helpers import photo
 from PIL import Image
 
-from featshard.decode import load_image
-from featshard.gpudecode import Encoded, decode_batch, orient, read_encoded
-from featshard.loader import Batch
-from featshard.models import preprocess_for
+from featshard.extract.decode import load_image
+from featshard.extract.gpudecode import Encoded, decode_batch, orient, read_encoded
+from featshard.extract.loader import Batch
+from featshard.extract.models import preprocess_for
 
 PREP = replace(preprocess_for("mobilenet_v2", "none"), decode="gpu")
 PIL_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,

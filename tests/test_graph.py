@@ -1,4 +1,4 @@
-"""featshard.graph: eager / TorchScript / auto choice, checks, fallbacks; the Extractor's features do not change."""
+"""featshard.extract.graph: eager / TorchScript / auto choice, checks, fallbacks; the Extractor's features do not change."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from featshard.errors import UsageError
-from featshard.extractor import Extractor
-from featshard.graph import check_graph, choose_cpu_graph, to_torchscript
-from featshard.models import ModelSpec, preprocess_for
+from featshard.extract.extractor import Extractor
+from featshard.extract.graph import check_graph, choose_cpu_graph, to_torchscript
+from featshard.extract.models import ModelSpec, preprocess_for
 
 PREP = preprocess_for("resnet18", "none")
 
@@ -62,7 +62,7 @@ def test_auto_falls_back_to_eager_when_tracing_fails() -> None:
 
 def test_auto_keeps_torchscript_only_if_it_is_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """The choice follows the measured times (here made up: TorchScript slower, then faster)."""
-    from featshard import graph
+    from featshard.extract import graph
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     wrapped = _Dict(net)

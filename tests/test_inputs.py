@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from featshard.errors import UsageError
-from featshard.inputs import iter_items, open_input, scan_input
+from featshard.store.inputs import iter_items, open_input, scan_input
 
 
 def test_list_file_skips_blanks_and_comments_and_resolves_relative(tmp_path):

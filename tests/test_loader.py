@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import make_images, write_list
 
-from featshard.decode import load_image
-from featshard.inputs import open_input
-from featshard.loader import ChunkBatches, collate, default_loader_workers, make_loader
-from featshard.models import preprocess_for
+from featshard.extract.decode import load_image
+from featshard.store.inputs import open_input
+from featshard.extract.loader import ChunkBatches, collate, default_loader_workers, make_loader
+from featshard.extract.models import preprocess_for
 
 PREP = preprocess_for("mobilenet_v2", "none")
 
@@ -81,7 +81,7 @@ def test_device_decode_hands_over_jpeg_bytes(listing: tuple[Path, list[Path]]) -
 
 
 def test_collate_of_only_failures_is_empty() -> None:
-    from featshard.inputs import Item
+    from featshard.store.inputs import Item
 
     batch = collate([(Item(3, "a", "/x/a"), None, "missing: gone")])
     assert batch.rows == [] and batch.failed_rows == [3] and batch.pixels.shape[0] == 0 and batch.size == 1

@@ -15,7 +15,7 @@ import pytest
 from helpers import REPO
 
 from featshard.errors import FeatshardError
-from featshard.locks import RunLock
+from featshard.store.locks import RunLock
 
 
 def dead_pid() -> int:
@@ -43,7 +43,7 @@ def test_second_holder_is_refused_with_pid_and_host(tmp_path: Path) -> None:
 
 
 def test_a_live_process_of_another_program_holds_it(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom featshard.locks import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom featshard.store.locks import RunLock\n"
                                f"lock = RunLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True)\n"
                                "time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))

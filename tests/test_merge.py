@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from runfactory import clustered, make_run
 
-from featshard import cli, indexbench, merge
-from featshard import index as fx
+from featshard import cli
+from featshard.tools import indexbench
+from featshard.index import merge
+from featshard.index import reader as fx
 from featshard.errors import FeatshardError, UsageError
-from featshard.plan import shard_name
-from featshard.shards import shard_path
+from featshard.store.plan import shard_name
+from featshard.store.shards import shard_path
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower
 

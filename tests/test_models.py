@@ -7,9 +7,9 @@ import torch
 import torchvision
 from helpers import mobilenet_weights
 
-from featshard import models
+from featshard.extract import models
 from featshard.errors import UsageError
-from featshard.models import ModelSpec, build_model, preprocess_for, resolve_precision, weights_identity
+from featshard.extract.models import ModelSpec, build_model, preprocess_for, resolve_precision, weights_identity
 
 
 def test_local_copy_of_torchvision_weights_gets_their_own_recipe() -> None:

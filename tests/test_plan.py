@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from featshard.errors import UsageError
-from featshard.plan import chunk_ranges, plan_shards, split_rows
+from featshard.store.plan import chunk_ranges, plan_shards, split_rows
 
 
 @pytest.mark.parametrize("rows, parts", [(10, 3), (8, 8), (3, 8), (0, 2), (1_000_003, 7)])

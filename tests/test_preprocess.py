@@ -4,8 +4,8 @@ import pytest
 import torchvision
 
 from featshard.errors import UsageError
-from featshard.models import preprocess_for
-from featshard.preprocess import Preprocess, from_transforms
+from featshard.extract.models import preprocess_for
+from featshard.extract.preprocess import Preprocess, from_transforms
 
 
 def test_recipe_comes_from_the_weights() -> None:

@@ -1,7 +1,7 @@
 """report.verdict_of: the bound stage and advice that fits the run (no advice to use what is already in use)."""
 from __future__ import annotations
 
-from featshard.report import verdict_of
+from featshard.runner.report import verdict_of
 
 
 def test_decode_bound_advice_depends_on_the_decoder() -> None:

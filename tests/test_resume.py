@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import FAST, REPO, cli, make_images, read_all, write_list
 
-from featshard import shards
+from featshard.store import shards
 from featshard.cli import main
 
 CHUNK = 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import FAST, cli, make_images, mobilenet_weights, read_all, write_list
 
-from featshard import shards
+from featshard.store import shards
 
 
 @pytest.fixture(scope="module")

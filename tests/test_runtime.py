@@ -1,4 +1,4 @@
-"""featshard.runtime: malloc thresholds (in a fresh process: they are process-wide) and the worker environment."""
+"""featshard.runner.runtime: malloc thresholds (in a fresh process: they are process-wide) and the worker environment."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 from helpers import REPO
 
-from featshard.runtime import tune_malloc
+from featshard.runner.runtime import tune_malloc
 
 
 def _in_fresh_process(code: str, **env: str) -> str:
@@ -18,7 +18,7 @@ def _in_fresh_process(code: str, **env: str) -> str:
 
 
 def test_tune_malloc_sets_the_thresholds_once() -> None:
-    code = "from featshard.runtime import tune_malloc; print(tune_malloc(), tune_malloc())"
+    code = "from featshard.runner.runtime import tune_malloc; print(tune_malloc(), tune_malloc())"
     assert _in_fresh_process(code) == "tuned already"
 
 
@@ -26,7 +26,7 @@ def test_tune_malloc_stops_page_faults_on_big_buffers() -> None:
     """A 64 MB buffer allocated and freed 20 times: untuned, glibc mmaps (and faults in) it every time."""
     code = """
 import resource, numpy as np
-from featshard.runtime import tune_malloc
+from featshard.runner.runtime import tune_malloc
 tuned = tune_malloc() if TUNE else "off"
 np.ones(1 << 24, np.float32)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

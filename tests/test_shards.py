@@ -3,7 +3,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from featshard import shards
+from featshard.store import shards
 
 
 def _block(rows, dim=4, failed=()):

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 from featshard import __version__
-from featshard.manifest import write_manifest
-from featshard.plan import plan_shards
-from featshard.progress import read_progress
-from featshard.status import ACTIVE, collect, durable_rows
+from featshard.store.manifest import write_manifest
+from featshard.store.plan import plan_shards
+from featshard.store.progress import read_progress
+from featshard.runner.status import ACTIVE, collect, durable_rows
 from helpers import REPO, cli, make_images, write_list
 
 STATE = Path(os.environ.get("FEATSHARD_SLURM_STATE", "/tmp/featshard-slurm"))
@@ -62,7 +62,7 @@ def generate(tmp: Path, case: str) -> dict[str, str]:
 
 
 def verify_available() -> bool:
-    return importlib.util.find_spec("featshard.verify") is not None
+    return importlib.util.find_spec("featshard.runner.verify") is not None
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -238,7 +238,7 @@ def submit(extra: dict[str, str], listing: Path, out: Path, *more: str) -> dict[
 
 def index_contents(run: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of a run's flat index, sorted by id."""
-    from featshard.index import load_index, stored_ids, unwrap
+    from featshard.index.reader import load_index, stored_ids, unwrap
 
     index = load_index(run).index
     ids = stored_ids(index)
@@ -371,8 +371,8 @@ def test_merge_is_cancelled_when_a_task_fails(slurm_env: dict[str, str], tmp_pat
 
 PROBE = """
 import json, os, sys
-from featshard.coordinator import add_arguments, node_layout
-from featshard.devices import parse_gpus, physical_id
+from featshard.runner.coordinator import add_arguments, node_layout
+from featshard.runner.devices import parse_gpus, physical_id
 import argparse
 argv = sys.argv[1:]
 assert argv[:3] == ["-m", "featshard", "run"], argv
@@ -392,7 +392,7 @@ with open(os.path.join(args.out, f"probe-{rank}.json"), "w") as fh:
 def test_gpu_tasks_get_their_gpus_and_featshard_maps_them(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """The generated GPU array (--gres=gpu:2) on the cluster's 4 fake GPUs. No CUDA is behind them, so the task's
     Python is a probe: it parses the exact `featshard run` command line with run's own parser and maps the
-    devices with featshard.devices, as the coordinator does before pinning its workers."""
+    devices with featshard.runner.devices, as the coordinator does before pinning its workers."""
     (tmp_path / "probe.py").write_text(PROBE)
     probe = tmp_path / "python-probe"
     probe.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'probe.py'} \"$@\"\n")

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from featshard.manifest import write_json_atomic, write_manifest
-from featshard.plan import plan_shards
-from featshard.progress import progress_path
-from featshard.shards import Block, chunk_path, parts_dir, shard_path, write_block
-from featshard.status import collect
+from featshard.store.manifest import write_json_atomic, write_manifest
+from featshard.store.plan import plan_shards
+from featshard.store.progress import progress_path
+from featshard.store.shards import Block, chunk_path, parts_dir, shard_path, write_block
+from featshard.runner.status import collect
 from helpers import cli
 
 DIM = 8

@@ -13,9 +13,9 @@ import pytest
 from helpers import cli
 from test_resume import shared_reference
 
-from featshard import shards
+from featshard.store import shards
 from featshard.cli import main
-from featshard.verify import verify
+from featshard.runner.verify import verify
 
 S0, S1 = "shard-00000-of-00002", "shard-00001-of-00002"
 
@@ -23,7 +23,7 @@ S0, S1 = "shard-00000-of-00002", "shard-00001-of-00002"
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the shared clean run (24 rows, row 20 failed: missing file) with a Flat index."""
-    from featshard.merge import build
+    from featshard.index.merge import build
 
     _, ref = shared_reference(tmp_path_factory)
     run = tmp_path_factory.mktemp("verify") / "run"

@@ -13,7 +13,7 @@ import pytest
 from helpers import cli
 from test_resume import ROWS, assert_same_output, durable, run_args, shared_reference, summary
 
-from featshard import shards
+from featshard.store import shards
 
 SHARDS = ("shard-00000-of-00002", "shard-00001-of-00002")
 

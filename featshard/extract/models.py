@@ -1,0 +1,216 @@
+"""Models by name from torchvision's registry, their weights (DEFAULT | none | PATH), layer, pooling and precision."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from featshard.errors import FeatshardError, UsageError
+from featshard.extract.preprocess import Preprocess, from_transforms
+
+log = logging.getLogger("featshard.extract.models")
+POOLS = ("avg", "max", "gem")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    weights: str = "DEFAULT"  # "DEFAULT" | "none" | a local file path
+    layer: str | None = None  # None: the output just before the classifier
+    pool: str = "avg"
+    normalize: bool = True
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (see resolve_precision)
+    seed: int = 0
+    graph: str = "eager"  # eager | jit | compile | auto (featshard.extract.graph; `run --graph` defaults to auto)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_model_name(name: str) -> None:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        close = [m for m in torchvision.models.list_models(module=torchvision.models) if name[:4] in m][:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UsageError(f"unknown model {name!r}: not a torchvision classification model{hint}")
+
+
+def weights_enum(name: str) -> Any:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError) as exc:
+        raise UsageError(f"model {name!r} has no weights in torchvision's registry: {exc}") from exc
+
+
+def preprocess_for(name: str, weights: str = "DEFAULT", **overrides: Any) -> Preprocess:
+    """The preprocessing recipe of the weights in use: torchvision's own weights are recognised (also as a local
+    file, by the sha256 prefix torchvision puts in its file names); random init and fine-tuned files use DEFAULT's."""
+    return from_transforms(matching_enum(name, weights).transforms(), **overrides)
+
+
+def matching_enum(name: str, weights: str) -> Any:
+    default = weights_enum(name)
+    if weights in ("DEFAULT", "none") or not os.path.isfile(weights):
+        return default
+    import torchvision
+
+    digest = file_sha256(weights)
+    for member in torchvision.models.get_model_weights(name):
+        match = re.search(r"-([0-9a-f]{8,})\.pth$", member.url)
+        if match and digest.startswith(match.group(1)):
+            return member
+    return default
+
+
+def weights_identity(spec: ModelSpec) -> str:
+    """What identifies the weights in the fingerprint: the file hash, the torchvision file name, or the seed."""
+    if spec.weights.lower() == "none":
+        return f"none:seed={spec.seed}"
+    if spec.weights == "DEFAULT":
+        return "torchvision:" + os.path.basename(weights_enum(spec.name).url)
+    return "sha256:" + file_sha256(spec.weights)
+
+
+def file_sha256(path: str) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path!r}: no such file (use DEFAULT, none, or a local .pth file)")
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise UsageError(f"--weights {path!r}: cannot read: {exc}") from exc
+    return digest.hexdigest()
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_precision(requested: str, device_kind: str) -> str:
+    """`auto` → the fastest precision whose fidelity we measured as acceptable on this kind of device."""
+    if requested not in PRECISIONS:
+        raise UsageError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        if requested == "fp16" and device_kind == "cpu":
+            raise UsageError("--precision fp16 is for GPUs; on CPU use bf16 or fp32")
+        return requested
+    if device_kind == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if _gpus_have_bf16() else "fp16"
+
+
+def _gpus_have_bf16() -> bool:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        return bool(out) and all(float(cap) >= 8.0 for cap in out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return False
+
+
+def build_model(spec: ModelSpec) -> Any:
+    """The torchvision model with its weights loaded, on the CPU, in eval mode."""
+    import torch
+    import torchvision
+
+    check_model_name(spec.name)
+    if spec.weights.lower() == "none":
+        torch.manual_seed(spec.seed)  # identical random init in every worker
+        model = torchvision.models.get_model(spec.name, weights=None)
+    elif spec.weights == "DEFAULT":
+        model = torchvision.models.get_model(spec.name, weights=None)
+        model.load_state_dict(_download_default(spec.name))
+    else:
+        model = _from_file(spec.name, spec.weights)
+    return model.eval()
+
+
+def _download_default(name: str) -> dict[str, Any]:
+    enum = weights_enum(name)
+    try:
+        return enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # noqa: BLE001 - urllib/OSError/RuntimeError all mean the same to the user
+        raise FeatshardError(
+            f"could not get torchvision's DEFAULT weights for {name} ({enum.url}): {exc}. "
+            "Offline? Pass a local file with --weights PATH (or --weights none for random init)."
+        ) from exc
+
+
+def _from_file(name: str, path: str) -> Any:
+    import torch
+    import torchvision
+
+    file_sha256(path)  # clear error for a missing or unreadable file
+    state = _load_state_dict(path)
+    model = torchvision.models.get_model(name, weights=None)
+    num_classes = _classifier_outputs(model, state)
+    if num_classes is not None:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UsageError(f"--weights {path}: does not fit {name}: {str(exc).splitlines()[0]} "
+                         f"{_key_summary(exc)}") from exc
+    del torch
+    return model
+
+
+def _key_summary(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines()[1:3]]
+    return " ".join(lines)[:300]
+
+
+def _load_state_dict(path: str) -> dict[str, Any]:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a full pickled model needs weights_only=False
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"--weights {path}: not a readable PyTorch checkpoint: {exc}") from exc
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(f"--weights {path}: expected a state_dict or a checkpoint holding one")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _classifier_outputs(model: Any, state: dict[str, Any]) -> int | None:
+    """A fine-tuned checkpoint may have another number of classes: read it from the last Linear's weight."""
+    name = last_linear(model)
+    weight = state.get(f"{name}.weight")
+    if weight is None or weight.ndim != 2:
+        return None
+    return int(weight.shape[0])
+
+
+def last_linear(model: Any) -> str:
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names:
+        raise UsageError("model has no Linear classifier; pass --layer explicitly")
+    return names[-1]

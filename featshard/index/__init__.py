@@ -1,0 +1,1 @@
+"""Index: merge into faiss, auto spec, streaming vectors, recall tuning, add, dedup, search."""

@@ -1,0 +1,144 @@
+"""`featshard add DIR --from OTHER_RUN`: put another run's vectors into DIR's existing index, without a rebuild.
+
+OTHER must describe the same vectors: its fingerprint must equal DIR's, or differ only in the input list
+(`fingerprint_fields` equal once the `input*` fields are left out: same model, weights, layer, pooling,
+preprocessing, dtype, featshard version). Its rows get ids `offset + row`, offset = the end of the id ranges already
+in the index (max over sources of id_offset + rows, i.e. at least the previous max id + 1), recorded in index.json
+`sources`, so `load_index().lookup` names results of both runs. IVF indexes take the new vectors into their trained
+lists (an `--on-disk` one gets a new .ivfdata holding the old and new lists); recall is measured again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from featshard.index import reader as fx
+from featshard.index import merge
+from featshard.errors import FeatshardError, UsageError
+from featshard.store.manifest import diff_fields, load_manifest
+
+log = logging.getLogger("featshard.index.add")
+
+
+def vector_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint fields that change the vectors themselves (not which images were listed)."""
+    fields = manifest.get("fingerprint_fields")
+    if not isinstance(fields, dict):
+        return {"fingerprint": manifest.get("fingerprint")}
+    return {k: v for k, v in fields.items() if "input" not in k.lower()}
+
+
+def check_compatible(run: Path, other: Path) -> None:
+    """Refuse OTHER unless it holds the same kind of vectors as RUN; say what differs."""
+    mine, theirs = load_manifest(run), load_manifest(other)
+    if mine.get("fingerprint") == theirs.get("fingerprint"):
+        return
+    diffs = diff_fields(vector_fields(mine), vector_fields(theirs))
+    if diffs:
+        raise FeatshardError(f"{other} was extracted differently from {run} (fingerprint {theirs.get('fingerprint')} "
+                             f"vs {mine.get('fingerprint')}); what differs: {'; '.join(diffs)}. "
+                             "Only runs with the same model/config can share an index.")
+
+
+def check_new_source(loaded: fx.LoadedIndex, other: Path) -> fx.Source:
+    """OTHER as a checked source with the next free id offset; refused if it is already in the index."""
+    for src in loaded.sources:
+        if src.run_dir.resolve() == other.resolve():
+            raise UsageError(f"{other} is already in the index of {loaded.run_dir}")
+    offset = max(s.id_offset + s.rows for s in loaded.sources) if loaded.sources else 0
+    src = fx.check_source(fx.source_of(other, offset))
+    if src.dim != loaded.dim:
+        raise FeatshardError(f"{other} has {src.dim}-dim vectors, the index {loaded.dim}")
+    if not sum(src.counts):
+        raise FeatshardError(f"{other}: its shards hold no vectors; nothing to add")
+    return src
+
+
+def merge_with_existing(existing: Any, trained: Any, part_files: list[str], path: Path) -> Any:
+    """merge_ondisk's method with the existing index's on-disk lists as one more input: a new .ivfdata."""
+    import faiss
+
+    inputs = [faiss.extract_index_ivf(existing).invlists]
+    keep = []
+    for fname in part_files:
+        part = faiss.read_index(fname, faiss.IO_FLAG_MMAP)
+        ivf = faiss.extract_index_ivf(part)
+        ivf.own_invlists = False
+        keep.append(part)
+        inputs.append(ivf.invlists)
+    ivf = faiss.extract_index_ivf(trained)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    vector = faiss.InvertedListsPtrVector()
+    for lists in inputs:
+        vector.push_back(lists)
+    with fx.faiss_stdout_to_stderr():
+        ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False)
+    trained.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    merge.fsync_file(path)
+    return trained
+
+
+def add_on_disk(loaded: fx.LoadedIndex, src: fx.Source, gpu: bool) -> tuple[Any, str]:
+    import faiss
+
+    out = fx.index_dir(loaded.run_dir)
+    trained_path = out / merge.TRAINED_FILE
+    if not trained_path.is_file():
+        raise FeatshardError(f"{trained_path} is missing (it is kept by `merge --on-disk`); rebuild with merge")
+    trained = faiss.read_index(str(trained_path))
+    files = merge.write_parts(trained, [src], out / "parts", gpu)
+    ivfdata = merge.new_ivfdata_name()
+    index = merge_with_existing(loaded.index, trained, files, out / ivfdata)
+    fx.apply_params(index, loaded.meta.get("search_params") or {})
+    return index, ivfdata
+
+
+def add_run(run_dir: str | Path, other_dir: str | Path, target_recall: float | None = None,
+            gpu: bool | None = None) -> dict[str, Any]:
+    """The add command as a function; returns the new index.json dict."""
+    import faiss
+
+    run, other = Path(run_dir), Path(other_dir)
+    check_compatible(run, other)
+    loaded = fx.load_index(run)
+    src = check_new_source(loaded, other)
+    started = time.perf_counter()
+    on_gpu = merge.use_gpu(gpu, faiss.get_num_gpus())
+    before = loaded.ntotal
+    if loaded.meta.get("on_disk"):
+        index, ivfdata = add_on_disk(loaded, src, on_gpu)
+    else:
+        index, ivfdata = merge.fill_index(loaded.index, [src], on_gpu), None
+    sources = [fx.check_source(s) for s in loaded.sources] + [src]
+    meta = dict(loaded.meta)
+    target = target_recall if target_recall is not None else float(meta.get("recall_target", 0.95))
+    meta.update({"ntotal": int(index.ntotal), "sources": [s.to_meta(run) for s in sources],
+                 "add_seconds": round(time.perf_counter() - started, 3)})
+    meta.update(fx.tune(index, sources, meta["metric"], target, int(meta.get("seed", 0))))
+    log.info("added %d vectors of %s (ids from %d): %d -> %d", index.ntotal - before, other, src.id_offset,
+             before, index.ntotal)
+    return merge.save(run, index, meta, ivfdata)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="run directory whose index/ gets the vectors")
+    parser.add_argument("--from", dest="other", required=True, metavar="OTHER_RUN",
+                        help="run directory whose vectors are added (same model/config)")
+    parser.add_argument("--target-recall", type=float, default=None,
+                        help="recall@10 to re-tune for (default: the one the index was built with)")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="add on GPUs (default: when a GPU faiss build sees one)")
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise UsageError("--target-recall must be in (0, 1]")
+    meta = add_run(args.run_dir, args.other, args.target_recall, args.gpu)
+    log.info("index %s now holds %d vectors from %d runs; recall@10 %.3f", fx.index_dir(args.run_dir),
+             meta["ntotal"], len(meta["sources"]), meta["recall_at_10"])
+    return 0

@@ -1,0 +1,271 @@
+"""`featshard merge DIR`: stream a run's shards into one faiss index `DIR/index/index.faiss` (+ `index.json`).
+
+Vectors are read shard by shard, one bounded batch at a time, and added with `add_with_ids` (id = input row), so
+memory holds the index itself plus one batch. Shards that are missing, incomplete or of another fingerprint are
+refused. Approximate specs are trained on a sample drawn uniformly (seeded) over all stored rows of all shards,
+then filled by streaming; their recall@10 is measured against exact search and nprobe / efSearch tuned to
+`--target-recall`.
+
+`--index-spec auto` picks from the number of vectors N, the dimension d and `--max-index-memory` M
+(default: half of this machine's RAM):
+  1. N < 100,000 and a Flat index (N x (4d + 48) bytes with its id map) fits M  ->  `Flat` (exact);
+  2. an IVF-Flat index (N x (4d + 8) bytes + centroids) fits M  ->  `IVF{k},Flat`, with k the power of two nearest
+     4·sqrt(N) (at most N/39 so every list gets 39 training points); `IVF{k}_HNSW32,Flat` once k >= 16384,
+     where an HNSW coarse quantizer makes assignment fast;
+  3. otherwise product quantization with the most bytes per vector m in (64, 48, 32, 16, 8) that fits:
+     `IVF{k},PQ{m}` when d <= 4m and m divides d, else `OPQ{m}_{D},IVF{k},PQ{m}` (rotation and reduction to
+     D = 4m dimensions, or the largest multiple of m below d); the HNSW quantizer again once k >= 16384;
+  4. not even PQ8 fits: an error asking for more --max-index-memory.
+With `--on-disk` rule 1 is skipped (the inverted lists of an IVF index are what can live on disk).
+The chosen spec and the reason are written to index.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featshard.index import reader as fx
+from featshard.errors import FeatshardError, UsageError
+from featshard.index.faissutil import METRICS, faiss_stdout_to_stderr, is_exact
+from featshard.index.spec import (  # re-exported: featshard.index.merge.X keeps working
+    DEFAULT_TRAIN_MIN as DEFAULT_TRAIN_MIN, FLAT_AUTO_MAX as FLAT_AUTO_MAX,
+    HNSW_QUANTIZER_MIN_NLIST as HNSW_QUANTIZER_MIN_NLIST, MIN_POINTS_PER_CENTROID as MIN_POINTS_PER_CENTROID,
+    PQ_CHOICES as PQ_CHOICES, auto_spec as auto_spec, choose_train_size as choose_train_size,
+    human_bytes as human_bytes, make_index as make_index, nlist_for as nlist_for, parse_size as parse_size,
+    train_bounds as train_bounds,
+)
+from featshard.index.recall import tune
+from featshard.index.vectors import (
+    ShardRef, Source, batch_rows_for, check_source, gather, iter_vectors, sample_positions, source_of,
+)
+
+log = logging.getLogger("featshard.index.merge")
+
+TRAINED_FILE = "trained.faiss"  # the trained empty index of an --on-disk build, kept for `add`
+
+
+def use_gpu(requested: bool | None, num_gpus: int) -> bool:
+    """GPU when asked (error if faiss sees none) or, by default, when a GPU faiss build sees a device."""
+    if requested and num_gpus == 0:
+        raise UsageError("--gpu given but faiss sees no GPU (install the GPU build: pip install .[gpu])")
+    return num_gpus > 0 if requested is None else bool(requested)
+
+
+def on_device(index: Any, gpu: bool) -> tuple[Any, Any]:
+    """(index to work on, function giving back a CPU index): the GPUs' copy for IVF specs when gpu is on."""
+    import faiss
+
+    if not gpu or faiss.try_extract_index_ivf(index) is None:
+        return index, lambda x: x
+    try:
+        return faiss.index_cpu_to_all_gpus(index), faiss.index_gpu_to_cpu
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("cannot move this index to the GPUs (%s); building on the CPU", exc)
+        return index, lambda x: x
+
+
+def train_index(index: Any, sources: Sequence[Source], size: int, seed: int, gpu: bool) -> Any:
+    """Train on `size` vectors drawn uniformly (seeded) across every stored row of every shard."""
+    total = sum(sum(s.counts) for s in sources)
+    positions = sample_positions(total, size, seed)
+    _, sample = gather(sources, positions, batch_rows_for(index.d))
+    log.info("training on %d of %d vectors (%.1f MB)", len(sample), total, sample.nbytes / 1e6)
+    work, back = on_device(index, gpu)
+    work.train(sample)
+    return back(work)
+
+
+def reserve_flat(index: Any, extra: int) -> None:
+    """Grow a Flat index's storage once to its final size, not by doubling (which peaks at ~3x the vectors).
+
+    std::vector keeps its capacity when resized down, so resize up then back reserves the memory.
+    """
+    import faiss
+
+    top = faiss.downcast_index(index)
+    if not is_exact(top) or not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return
+    flat = faiss.downcast_index(top.index)
+    size, ids = flat.codes.size(), top.id_map.size()
+    flat.codes.resize(size + extra * flat.code_size)
+    flat.codes.resize(size)
+    top.id_map.resize(ids + extra)
+    top.id_map.resize(ids)
+
+
+def fill_index(index: Any, sources: Sequence[Source], gpu: bool) -> Any:
+    """Add every stored vector with its id, streaming one batch at a time."""
+    reserve_flat(index, sum(sum(s.counts) for s in sources))
+    work, back = on_device(index, gpu)
+    for ids, vecs in iter_vectors(sources, batch_rows_for(index.d)):
+        work.add_with_ids(vecs, ids)
+    return back(work)
+
+
+def write_parts(trained: Any, sources: Sequence[Source], parts_dir: Path, gpu: bool) -> list[str]:
+    """One IVF part file per shard: a copy of the trained empty index filled with that shard's vectors."""
+    import faiss
+
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for si, src in enumerate(sources):
+        for ref, count in zip(src.shards, src.counts):
+            if count:
+                part = fill_index(faiss.clone_index(trained), [_single(src, ref, count)], gpu)
+                files.append(str(parts_dir / f"part-{si:03d}-{src.id_offset}-{ref.name}.faiss"))
+                write_index_atomic(part, Path(files[-1]))
+                del part
+    return files
+
+
+def new_ivfdata_name() -> str:
+    """A fresh file name per build: index.faiss switches to it atomically, readers of the old one keep theirs."""
+    return f"index-{time.strftime('%Y%m%d%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}.ivfdata"
+
+
+def build_on_disk(trained: Any, sources: Sequence[Source], out: Path, gpu: bool) -> tuple[Any, str]:
+    """Parts per shard, then faiss.contrib.ondisk.merge_ondisk of their inverted lists into one .ivfdata."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    files = write_parts(trained, sources, out / "parts", gpu)
+    ivfdata = new_ivfdata_name()
+    merged = faiss.clone_index(trained)
+    with faiss_stdout_to_stderr():
+        merge_ondisk(merged, files, str(out / ivfdata))
+    fsync_file(out / ivfdata)
+    return merged, ivfdata
+
+
+def _single(src: Source, ref: ShardRef, count: int) -> Source:
+    return Source(src.run_dir, src.fingerprint, src.id_offset, src.rows, src.dim, [ref], [count])
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_index_atomic(index: Any, path: Path) -> None:
+    import faiss
+
+    from featshard.store.shards import atomic_replace
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    faiss.write_index(index, tmp)
+    atomic_replace(tmp, str(path))
+
+
+def save(run_dir: Path, index: Any, meta: dict[str, Any], ivfdata: str | None) -> dict[str, Any]:
+    """Write index.faiss then index.json atomically; drop build parts and .ivfdata files no longer referenced."""
+    from featshard.store.manifest import write_json_atomic
+    from featshard.store.shards import remove_tree
+
+    out = fx.index_dir(run_dir)
+    write_index_atomic(index, out / fx.INDEX_FILE)
+    meta["ivfdata"] = ivfdata
+    meta["index_bytes"] = (out / fx.INDEX_FILE).stat().st_size + ((out / ivfdata).stat().st_size if ivfdata else 0)
+    meta["peak_rss_bytes"] = fx.peak_rss_bytes()
+    write_json_atomic(out / fx.META_FILE, meta)
+    remove_tree(out / "parts")
+    if not ivfdata:
+        (out / TRAINED_FILE).unlink(missing_ok=True)
+    for old in out.glob("*.ivfdata"):
+        if old.name != ivfdata:
+            old.unlink()
+    return meta
+
+
+def resolve_spec(spec: str, ntotal: int, dim: int, max_memory: int | None, on_disk: bool) -> tuple[str, str]:
+    """`auto` -> (chosen spec, reason); any other spec is used as given."""
+    if spec != "auto":
+        return spec, ""
+    spec, reason = auto_spec(ntotal, dim, max_memory or fx.default_max_memory(), on_disk)
+    log.info("auto index spec %s: %s", spec, reason)
+    return spec, reason
+
+
+def populate(index: Any, sources: Sequence[Source], out: Path, on_disk: bool, gpu: bool) -> tuple[Any, str | None]:
+    """Fill a trained index by streaming; --on-disk keeps the trained empty index and builds an .ivfdata."""
+    if not on_disk:
+        return fill_index(index, sources, gpu), None
+    write_index_atomic(index, out / TRAINED_FILE)
+    return build_on_disk(index, sources, out, gpu)
+
+
+def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_size: int | None = None,
+          max_memory: int | None = None, on_disk: bool = False, target_recall: float = 0.95,
+          gpu: bool | None = None, seed: int = 0) -> dict[str, Any]:
+    """The merge command as a function: build, tune and write DIR/index; returns the index.json dict."""
+    import faiss
+
+    run = Path(run_dir)
+    src = check_source(source_of(run))
+    ntotal = sum(src.counts)
+    if ntotal == 0:
+        raise FeatshardError(f"{run}: the shards hold no vectors (did every image fail?); nothing to index")
+    spec, reason = resolve_spec(spec, ntotal, src.dim, max_memory, on_disk)
+    started = time.perf_counter()
+    index = make_index(spec, src.dim, metric)
+    if on_disk and faiss.try_extract_index_ivf(index) is None:
+        raise UsageError(f"--on-disk needs an IVF spec (e.g. IVF1024,Flat or IVF1024,PQ32), not {spec!r}")
+    on_gpu = use_gpu(gpu, faiss.get_num_gpus())
+    size = 0 if index.is_trained else choose_train_size(index, spec, train_size, ntotal)
+    if size:
+        index = train_index(index, [src], size, seed, on_gpu)
+    out = fx.index_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+    _warn_dropped_sources(out)
+    index, ivfdata = populate(index, [src], out, on_disk, on_gpu)
+    meta = {"spec": spec, "spec_reason": reason, "metric": metric, "ntotal": int(index.ntotal), "dim": src.dim,
+            "train_size": size, "on_disk": on_disk, "gpu": on_gpu, "seed": seed,
+            "build_seconds": round(time.perf_counter() - started, 3), "sources": [src.to_meta(run)],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta.update(tune(index, [src], metric, target_recall, seed))
+    return save(run, index, meta, ivfdata)
+
+
+def _warn_dropped_sources(out: Path) -> None:
+    try:
+        previous = json.loads((out / fx.META_FILE).read_text(encoding="utf-8")).get("sources") or []
+    except (OSError, ValueError):
+        return
+    if len(previous) > 1:
+        log.warning("rebuilding from this run only: the %d run(s) added with `featshard add` must be added again",
+                    len(previous) - 1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="run directory (with manifest.json and shards/)")
+    parser.add_argument("--index-spec", default="Flat", help="faiss index_factory string, or 'auto' (default Flat)")
+    parser.add_argument("--metric", choices=METRICS, default="ip", help="ip (default; cosine on normalised "
+                        "vectors) or l2")
+    parser.add_argument("--train-size", type=int, default=None, help="training sample size (default from the spec)")
+    parser.add_argument("--max-index-memory", default=None, help="memory budget for --index-spec auto, e.g. 4G "
+                        "(default: half the RAM)")
+    parser.add_argument("--on-disk", action="store_true", help="IVF only: inverted lists in an on-disk .ivfdata "
+                        "file, built one shard at a time and memory-mapped by search")
+    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune nprobe/efSearch for")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="train/add on GPUs (default: when a GPU faiss build sees one)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training and recall samples")
+
+
+def command(args: argparse.Namespace) -> int:
+    if not 0 < args.target_recall <= 1:
+        raise UsageError("--target-recall must be in (0, 1]")
+    if args.train_size is not None and args.train_size < 1:
+        raise UsageError("--train-size must be >= 1")
+    max_memory = parse_size(args.max_index_memory) if args.max_index_memory else None
+    meta = build(args.run_dir, args.index_spec, args.metric, args.train_size, max_memory, args.on_disk,
+                 args.target_recall, args.gpu, args.seed)
+    log.info("index %s: %d vectors, spec %s, recall@10 %.3f, %.1f s, %s", fx.index_dir(args.run_dir),
+             meta["ntotal"], meta["spec"], meta["recall_at_10"], meta["build_seconds"], meta["search_params"])
+    return 0

@@ -1,0 +1,193 @@
+"""`featshard status DIR`: per-shard progress of a run from what is on disk, while it runs or after a crash.
+
+Reads `manifest.json` (the plan), each shard's `progress.json` (written by its worker) and the finished shard files
+(whose sizes win over a stale progress file). A shard with no progress file is `pending`; an active shard whose
+progress is older than --stale-after seconds, or whose process is gone on this host, is `stale`. `durable` counts
+the rows in finished chunk files: what a resumed run keeps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from featshard.store.manifest import load_manifest, manifest_path
+from featshard.store.plan import shard_name
+from featshard.store.progress import read_progress
+from featshard.store.shards import parts_dir, shard_path
+
+ACTIVE = ("starting", "running", "finalizing")
+CHUNK = re.compile(r"^chunk-(\d+)-(\d+)\.h5$")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="DIR", help="the run directory (--out of `run` or `slurm`)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--stale-after", type=float, default=300.0,
+                   help="seconds without a progress update after which an active shard is `stale` (default 300)")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001 - psutil missing, or the process just exited
+        return True
+
+
+def durable_rows(run_dir: str, name: str) -> int:
+    """Rows covered by finished chunk files (a chunk file that exists is complete: written atomically)."""
+    try:
+        entries = os.listdir(parts_dir(run_dir, name))
+    except OSError:
+        return 0
+    return sum(int(m.group(2)) - int(m.group(1)) for m in map(CHUNK.match, entries) if m)
+
+
+def finished_sizes(path: Path) -> tuple[int, int] | None:
+    """(ok, failed) of a complete shard file, None when it is missing, torn or not complete."""
+    if not path.is_file():
+        return None
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            if not bool(h5.attrs.get("complete", False)):
+                return None
+            return int(h5["rows"].shape[0]), int(h5["failed_rows"].shape[0])
+    except (OSError, KeyError):
+        return None
+
+
+def is_stale(progress: dict[str, Any], now: float, stale_after: float, host: str) -> bool:
+    if now - float(progress.get("updated") or 0) > stale_after:
+        return True
+    pid = progress.get("pid")
+    return progress.get("host") == host and isinstance(pid, int) and not pid_alive(pid)
+
+
+def shard_status(run_dir: str, entry: dict[str, Any], now: float, stale_after: float, host: str) -> dict[str, Any]:
+    name = shard_name(int(entry["index"]), int(entry["count"]))
+    total = int(entry["stop"]) - int(entry["start"])
+    progress = read_progress(run_dir, name) or {}
+    row: dict[str, Any] = {
+        "shard": name, "node": entry.get("node", 0), "device": progress.get("device") or entry.get("device"),
+        "rows_total": total, "rows_done": 0, "ok": 0, "failed": 0, "durable": 0, "images_per_s": 0.0,
+        "state": "pending", "updated": progress.get("updated"), "pid": progress.get("pid"),
+        "host": progress.get("host"), "error": progress.get("error"),
+    }
+    sizes = finished_sizes(shard_path(run_dir, name))
+    if sizes is not None:
+        ok, failed = sizes
+        row.update(state="complete", ok=ok, failed=failed, rows_done=ok + failed, durable=ok + failed,
+                   images_per_s=float(progress.get("images_per_s") or 0.0), error=None)
+        return row
+    row["durable"] = durable_rows(run_dir, name)
+    row["rows_done"] = row["durable"]
+    if progress:
+        row.update(rows_done=max(int(progress.get("rows_done") or 0), row["durable"]),
+                   ok=int(progress.get("ok") or 0), failed=int(progress.get("failed") or 0),
+                   images_per_s=float(progress.get("images_per_s") or 0.0), state=progress.get("state", "running"))
+        if row["state"] in ACTIVE and is_stale(progress, now, stale_after, host):
+            row["state"] = "stale"
+        elif row["state"] == "complete":
+            row["state"] = "incomplete"  # the worker said complete but no complete shard file is there
+    if row["state"] not in ACTIVE:
+        row["images_per_s"] = 0.0
+    return row
+
+
+def totals(shards: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+    states: dict[str, int] = {}
+    for s in shards:
+        states[s["state"]] = states.get(s["state"], 0) + 1
+    done = sum(s["rows_done"] for s in shards)
+    rate = sum(s["images_per_s"] for s in shards if s["state"] in ACTIVE)
+    return {
+        "shards": len(shards), "states": states, "rows": rows, "rows_done": done,
+        "durable": sum(s["durable"] for s in shards), "ok": sum(s["ok"] for s in shards),
+        "failed": sum(s["failed"] for s in shards), "images_per_s": round(rate, 2),
+        "eta_s": round((rows - done) / rate, 1) if rate > 0 and done < rows else None,
+        "complete": bool(shards) and states.get("complete", 0) == len(shards),
+    }
+
+
+def collect(run_dir: str, stale_after: float = 300.0, now: float | None = None) -> dict[str, Any]:
+    """The whole status as one dict (what --json prints)."""
+    manifest = load_manifest(run_dir)
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    shards = [shard_status(run_dir, e, now, stale_after, host) for e in manifest.get("plan") or []]
+    jobs_file = Path(run_dir) / "slurm" / "jobs.json"
+    try:
+        slurm = json.loads(jobs_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        slurm = None
+    return {
+        "run_dir": os.path.abspath(run_dir), "fingerprint": manifest.get("fingerprint"),
+        "rows": int(manifest.get("rows") or 0), "now": now, "shards": shards,
+        "totals": totals(shards, int(manifest.get("rows") or 0)), "slurm": slurm,
+        "index": (Path(run_dir) / "index" / "index.faiss").is_file(),
+    }
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def render(status: dict[str, Any]) -> str:
+    t = status["totals"]
+    lines = [f"run {status['run_dir']}: {status['rows']} rows in {t['shards']} shards"
+             f" (fingerprint {status['fingerprint']})"]
+    if status["slurm"]:
+        jobs = status["slurm"]
+        lines.append(f"slurm: extract array job {jobs.get('extract')}, merge job {jobs.get('merge')}")
+    lines.append(f"{'shard':<22} {'node':>4} {'device':<7} {'state':<10} {'done/total':>15} {'ok':>8} {'failed':>7} "
+                 f"{'img/s':>8} {'updated':>8}  pid@host")
+    for s in status["shards"]:
+        updated = age(status["now"] - s["updated"]) if s["updated"] else "-"
+        who = f"{s['pid']}@{s['host']}" if s["pid"] else "-"
+        error = f"  error: {s['error']}" if s["error"] else ""
+        lines.append(f"{s['shard']:<22} {s['node']:>4} {str(s['device']):<7} {s['state']:<10} "
+                     f"{str(s['rows_done']) + '/' + str(s['rows_total']):>15} {s['ok']:>8} {s['failed']:>7} "
+                     f"{s['images_per_s']:>8.1f} {updated:>8}  {who}{error}")
+    pct = 100.0 * t["rows_done"] / t["rows"] if t["rows"] else 100.0
+    states = ", ".join(f"{n} {k}" for k, n in sorted(t["states"].items()))
+    eta = f", eta {age(t['eta_s'])}" if t["eta_s"] is not None else ""
+    lines.append(f"total: {states or 'no shards'}; {t['rows_done']}/{t['rows']} rows ({pct:.1f}%), "
+                 f"{t['durable']} durable, {t['ok']} ok, {t['failed']} failed, {t['images_per_s']:.1f} images/s{eta}"
+                 + ("; index built" if status["index"] else ""))
+    return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    jobs = Path(args.run_dir) / "slurm" / "jobs.json"
+    if not manifest_path(args.run_dir).is_file() and jobs.is_file():  # submitted, no task has started yet
+        waiting = {"run_dir": os.path.abspath(args.run_dir), "slurm": json.loads(jobs.read_text(encoding="utf-8")),
+                   "shards": [], "totals": None}
+        print(json.dumps(waiting, indent=2, sort_keys=True) if args.json else
+              f"run {waiting['run_dir']}: slurm jobs {waiting['slurm']} submitted; no task has started yet "
+              "(no manifest.json)")
+        return 0
+    status = collect(args.run_dir, args.stale_after)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
+    return 0

@@ -1,0 +1,285 @@
+"""The one unit of work, `extract_shard(spec) -> ShardResult`, run unchanged inline, in a Pool worker or a SLURM task.
+
+It knows nothing of who launched it: the device comes from the spec and is pinned before CUDA starts; the model and
+the loaders are built here, never pickled. Finished chunks are durable files; a rerun skips them. A `kill -9` at any
+instant leaves only complete files plus, at worst, a torn `*.tmp-<pid>` file, which the next start removes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featshard.store import shards
+from featshard.runner.devices import Device, pin_device
+from featshard.errors import FeatshardError
+from featshard.store.inputs import InputSource
+from featshard.extract.models import ModelSpec
+from featshard.store.plan import Shard, chunk_ranges
+from featshard.extract.preprocess import Preprocess
+from featshard.store.progress import Progress
+from featshard.runner.retry import BatchStream, clean_stale, durable_chunks
+from featshard.store.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
+
+log = logging.getLogger("featshard.runner.worker")
+
+
+class Stopped(FeatshardError):
+    """The run was asked to stop (a signal): finished chunks stay on disk and the same command resumes."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    run_dir: str
+    shard: Shard
+    source: InputSource
+    model: ModelSpec
+    prep: Preprocess
+    dtype: str
+    batch_size: int
+    loader_workers: int
+    chunk_size: int
+    cpu_threads: int
+    attrs: dict[str, Any] = field(default_factory=dict)  # provenance written into every file (fingerprint, ...)
+    progress_position: int = 0
+    retry_failed: bool = False  # re-process the rows recorded as failed in finished shards and chunks
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    index: int
+    device: str
+    path: str
+    rows: int
+    ok: int
+    failed: int
+    resumed_rows: int
+    processed_rows: int
+    seconds: float
+    stages: dict[str, float]
+    pid: int = field(default_factory=os.getpid)
+    retried_rows: int = 0  # --retry-failed: failed rows processed again
+    recovered_rows: int = 0  # ... of which now have a feature
+    graph: str = ""  # how the network ran (featshard.extract.graph), "" when no model was needed
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChunkBuffer:
+    """Accumulates one chunk's batches; knows when the chunk is whole."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.blocks: list[tuple[Any, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, batch: Any, feats: np.ndarray) -> None:
+        self.blocks.append((batch, feats))
+        self.count += batch.size
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.hi - self.lo
+
+    def to_block(self, dim: int, dtype: str) -> shards.Block:
+        feats = [f for _, f in self.blocks if len(f)]
+        return shards.Block(
+            rows=np.array([r for b, _ in self.blocks for r in b.rows], np.int64),
+            names=[n for b, _ in self.blocks for n in b.names],
+            features=np.concatenate(feats).astype(dtype) if feats else np.zeros((0, dim), dtype),
+            failed_rows=np.array([r for b, _ in self.blocks for r in b.failed_rows], np.int64),
+            failed_names=[n for b, _ in self.blocks for n in b.failed_names],
+            failed_reasons=[r for b, _ in self.blocks for r in b.failed_reasons],
+        )
+
+
+class LazyExtractor:
+    """Builds the model on first use: a shard with nothing left to do never loads it."""
+
+    def __init__(self, spec: ShardSpec, device: str, stages: dict[str, float]) -> None:
+        self.spec, self.device, self.stages = spec, device, stages
+        self._ext: Any = None
+
+    @property
+    def graph(self) -> str:
+        return "" if self._ext is None else str(getattr(self._ext, "graph", ""))
+
+    def get(self) -> Any:
+        if self._ext is None:
+            from featshard.extract.extractor import Extractor
+            from featshard.runner.runtime import tune_malloc
+
+            tune_malloc()  # after the loaders forked (decode measured no faster tuned), before the model's first batch
+            t = time.monotonic()
+            self._ext = Extractor(self.spec.model, self.spec.prep, self.device, batch_size=self.spec.batch_size)
+            log.info("%s: model %s on %s, %s, graph %s", self.spec.shard.name, self.spec.model.name, self.device,
+                     self.spec.model.precision, self._ext.graph)
+            self.stages["load_model"] += time.monotonic() - t
+        return self._ext
+
+
+def extract_shard(spec: ShardSpec) -> ShardResult:
+    """Extract one shard to `shards/<name>.h5`, resuming from finished chunks."""
+    from featshard.logs import setup_logging
+
+    setup_logging()
+    t0 = time.monotonic()
+    device = pin_device(Device.parse(spec.shard.device), spec.cpu_threads)
+    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    clean_stale(spec)
+    if shards.is_complete(final) and not spec.retry_failed:
+        return _done_result(spec, final, t0)
+    progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows)
+    stages = {"load_model": 0.0, "wait_first": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+    extractor = LazyExtractor(spec, device, stages)
+    try:
+        retried, recovered = _retry(spec, extractor, progress, stages) if spec.retry_failed else (0, 0)
+        if shards.is_complete(final):  # --retry-failed on a finished shard
+            resumed, processed = spec.shard.rows, 0
+        else:
+            resumed, processed = _run_chunks(spec, extractor, progress, stages)
+    except BaseException as exc:
+        stopped = isinstance(exc, (Stopped, SystemExit, KeyboardInterrupt))
+        try:
+            progress.set(force=True, state="stopped" if stopped else "failed", error=f"{type(exc).__name__}: {exc}")
+        except OSError:  # the disk that failed the shard may fail this too: the shard's error matters more
+            pass
+        raise
+    progress.set(force=True, state="complete", stage="done")
+    res = _done_result(spec, final, t0, resumed=resumed, processed=processed, stages=stages)
+    res.retried_rows, res.recovered_rows = retried, recovered
+    res.graph = extractor.graph
+    log.info("%s done: %d ok, %d failed, %.1f images/s", spec.shard.name, res.ok, res.failed, res.images_per_s)
+    return res
+
+
+def _run_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
+                stages: dict[str, float]) -> tuple[int, int]:
+    resumed, processed = _extract_chunks(spec, extractor, progress, stages)
+    progress.set(force=True, state="finalizing", stage="finalizing")
+    t_write = time.monotonic()
+    _finalize(spec)
+    stages["write"] += time.monotonic() - t_write
+    return resumed, processed
+
+
+def _retry(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
+           stages: dict[str, float]) -> tuple[int, int]:
+    from featshard.runner.retry import retry_failed
+
+    progress.set(force=True, state="running", stage="retrying failed rows")
+    return retry_failed(spec, extractor.get, stages, guarded_write)
+
+
+def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
+                    stages: dict[str, float]) -> tuple[int, int]:
+    done, pending = durable_chunks(spec)
+    resumed = sum(hi - lo for lo, hi in done)
+    progress.set(force=True, rows_done=resumed, state="running" if pending else "finalizing",
+                 stage="loading model" if pending else "finalizing")
+    if not pending:
+        return resumed, 0
+    shards.parts_dir(spec.run_dir, spec.shard.name).mkdir(parents=True, exist_ok=True)
+    cuda = extractor.device.startswith("cuda")
+    stream = BatchStream(spec, pending, cuda, device_decode=cuda and spec.prep.decode == "gpu").start()
+    ext = extractor.get()  # while the loaders decode the first batches
+    progress.set(force=True, stage="extracting")
+    return resumed, _consume(spec, ext, stream, pending, stages, progress)
+
+
+def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
+             stages: dict[str, float], progress: Progress) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(hi - lo for lo, hi in pending), desc=f"{spec.shard.name} {spec.shard.device}",
+               unit="img", position=spec.progress_position, leave=False, disable=None, dynamic_ncols=True)
+    chunks = iter(pending)
+    buf = ChunkBuffer(*next(chunks))
+    processed = 0
+    progress.restart_clock()
+    it = iter(loader)
+    while True:
+        t = time.monotonic()
+        batch = next(it, None)
+        waited = time.monotonic() - t
+        stages["wait_first" if not processed else "wait_data"] += waited  # the first: loaders starting, pipeline fill
+        if batch is None:
+            break
+        log.debug("%s: batch of %d after %.3f s", spec.shard.name, batch.size, waited)
+        buf.add(batch, run_model(extractor, batch, stages))
+        processed += batch.size
+        bar.update(batch.size)
+        progress.add(len(batch.rows), len(batch.failed_rows))
+        while buf.full:
+            _write_chunk(spec, buf, extractor.dim, stages)
+            progress.set(force=True)
+            nxt = next(chunks, None)
+            if nxt is None:
+                break
+            buf = ChunkBuffer(*nxt)
+    bar.close()
+    return processed
+
+
+def run_model(extractor: Any, batch: Any, stages: dict[str, float]) -> np.ndarray:
+    """Features (float32, N x dim) of a batch's decoded rows (after the call: a device decode may move rows it
+    cannot decode to the batch's failures)."""
+    if not len(batch.rows):
+        return np.zeros((0, extractor.dim), np.float32)
+    t = time.monotonic()
+    to_device = getattr(extractor, "batch_to_device", None)
+    x = to_device(batch) if to_device is not None else extractor.to_device(batch.pixels)
+    _sync(extractor.device)
+    t2 = time.monotonic()
+    feats = extractor.forward_device(x).cpu().numpy()
+    stages["h2d"] += t2 - t
+    stages["model"] += time.monotonic() - t2
+    return feats
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, float]) -> None:
+    t = time.monotonic()
+    attrs = dict(spec.attrs, dim=dim, chunk_start=buf.lo, chunk_stop=buf.hi)
+    path = shards.chunk_path(spec.run_dir, spec.shard.name, buf.lo, buf.hi)
+    guarded_write(path, lambda: shards.write_block(path, buf.to_block(dim, spec.dtype), attrs, dim, spec.dtype))
+    stages["write"] += time.monotonic() - t
+
+
+def _finalize(spec: ShardSpec) -> None:
+    """Concatenate the chunk files (in row order) into the shard file, atomically, then drop the parts."""
+    chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
+    parts = [str(shards.chunk_path(spec.run_dir, spec.shard.name, lo, hi)) for lo, hi in chunks]
+    dim = int(shards.read_attrs(parts[0])["dim"]) if parts else int(spec.attrs.get("dim", 0))
+    attrs = dict(spec.attrs, dim=dim, shard_index=spec.shard.index, shard_count=spec.shard.count,
+                 start=spec.shard.start, stop=spec.shard.stop, device=spec.shard.device)
+    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    guarded_write(final, lambda: shards.concat_files(parts, str(final), attrs, dim, spec.dtype))
+    shards.remove_tree(shards.parts_dir(spec.run_dir, spec.shard.name))
+
+
+def _done_result(spec: ShardSpec, final: Any, t0: float, resumed: int | None = None, processed: int = 0,
+                 stages: dict[str, float] | None = None) -> ShardResult:
+    import h5py
+
+    with h5py.File(final, "r") as h5:
+        ok, failed = int(h5["rows"].shape[0]), int(h5["failed_rows"].shape[0])
+    return ShardResult(
+        shard=spec.shard.name, index=spec.shard.index, device=spec.shard.device, path=str(final),
+        rows=spec.shard.rows, ok=ok, failed=failed,
+        resumed_rows=spec.shard.rows if resumed is None else resumed, processed_rows=processed,
+        seconds=time.monotonic() - t0, stages=stages or {},
+    )
