@@ -8,7 +8,8 @@ from helpers import REPO
 
 
 def test_only_the_first_workers_preload() -> None:
-    code = ("import multiprocessing as mp, sys; from featshard.runner.backends import _worker_init; v = mp.Value('i', 1); "
+    code = ("import multiprocessing as mp, sys; "
+            "from featshard.runner.backends import _worker_init; v = mp.Value('i', 1); "
             "_worker_init(('colorsys',), v); first = 'colorsys' in sys.modules; "
             "_worker_init(('wave', 'no_such_module_here'), v); print(first, 'wave' in sys.modules, v.value)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,

@@ -8,7 +8,7 @@ by this test (raw /dev/fuse protocol, no libfuse; needs root, else that row is l
 answers the kernel's interrupt with EINTR, as an interruptible network file system does, so the per-image deadline
 (SIGALRM) ends the read and the row is recorded as `timeout`. (A hard mount that ignores interrupts keeps the reader
 in uninterruptible sleep: only the loader's own timeout helps there; the worker then records that batch as
-`timeout` and goes on with a new loader, see retry.BatchStream.)"""
+`timeout` and goes on with a new loader, see featshard.extract.stream.BatchStream.)"""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""featshard.extract.decode: every corpus entry ends as a crop or a classified failure; exact == torchvision; fast ~ exact."""
+"""featshard.extract.decode: every corpus entry ends as a crop or a classified failure; exact == torchvision;
+fast ~ exact."""
 from __future__ import annotations
 
 import os

@@ -77,6 +77,7 @@ def test_no_nvidia_driver_means_no_gpu_without_importing_torch(tmp_path, monkeyp
     assert nvidia_driver_present((str(tmp_path),))
     if nvidia_driver_present():
         return  # a GPU machine: the count needs torch there
-    code = "import sys; from featshard.runner.devices import parse_gpus; print(parse_gpus(None), 'torch' in sys.modules)"
+    code = ("import sys; from featshard.runner.devices import parse_gpus; "
+            "print(parse_gpus(None), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[Device(kind='cpu', index=0)] False"

@@ -1,4 +1,5 @@
-"""featshard.extract.graph: eager / TorchScript / auto choice, checks, fallbacks; the Extractor's features do not change."""
+"""featshard.extract.graph: eager / TorchScript / auto choice, checks, fallbacks; the Extractor's features do
+not change."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""featshard.runner.runtime: malloc thresholds (in a fresh process: they are process-wide) and the worker environment."""
+"""featshard.runner.runtime: malloc thresholds (in a fresh process: they are process-wide) and the worker
+environment."""
 from __future__ import annotations
 
 import os

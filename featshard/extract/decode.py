@@ -1,7 +1,8 @@
 """Decode one image file into the model's input crop: uint8 (crop, crop, 3) RGB, or raise `ImageFailure`.
 
 This module opens the file, enforces the limits and the deadline and classifies failures; the resize + centre crop
-(torchvision's `ImageClassification` geometry, "exact" / "fast", EXIF orientation) is `featshard.extract.resizecrop`, the
+(torchvision's `ImageClassification` geometry, "exact" / "fast", EXIF orientation) is
+`featshard.extract.resizecrop`, the
 conversion of colour modes to RGB (CMYK/YCCK, alpha on white, 16-bit, I/F) `featshard.extract.colour`.
 - Animated images: the first frame.
 - Limits: `max_pixels` is checked on the header's size before decoding (`too_large`) and set as

@@ -2,11 +2,13 @@
 
 Input is a uint8 NHWC batch (what the loaders hand over); normalisation by the weights' mean/std happens here, on the
 device, so only bytes cross from the loader processes. With `--decode gpu` on a CUDA device, `batch_to_device` decodes
-the batch's JPEG bytes there (featshard.extract.gpudecode); on a CPU device that mode falls back to the loaders' fast decode.
+the batch's JPEG bytes there
+(featshard.extract.gpudecode); on a CPU device that mode falls back to the loaders' fast decode.
 
 Speed levers, measured on the 2-core CPU boxes (issue 4): channels_last weights and input (the uint8 NHWC batch viewed
 as NCHW is already channels_last) and bf16 autocast on CPUs with native bf16 roughly double and triple the fp32
-rate. The graph (featshard.extract.graph): `auto` keeps a TorchScript version where it measurably wins (MobileNetV2 fp32 on
+rate. The graph (featshard.extract.graph):
+`auto` keeps a TorchScript version where it measurably wins (MobileNetV2 fp32 on
 the AVX2 box: 1.5x); `torch.compile` (`--graph compile`, or FEATSHARD_COMPILE=1) gave about 1.8x more on top
 (MobileNetV2 and ResNet-50, bf16, per CPU-second) after a one-time compilation of 30-120 s per process (Inductor caches
 it on disk: ~5 s after the first run): worth it for long runs, not for short ones. The worker tunes its process's
@@ -82,7 +84,8 @@ class Extractor:
 
     def __init__(self, spec: ModelSpec, prep: Preprocess, device: str, compile: bool | None = None,
                  batch_size: int | None = None) -> None:
-        """The network runs as `spec.graph` says (featshard.extract.graph); `compile=True` (or env FEATSHARD_COMPILE=1 when
+        """The network runs as `spec.graph` says (featshard.extract.graph); `compile=True` (or env
+        FEATSHARD_COMPILE=1 when
         `compile` is None) forces torch.compile, compiled here for batches of `batch_size` (default: the run's
         default, 32 on CPU, 128 on GPU; smaller batches are padded)."""
         import torch

@@ -9,7 +9,8 @@ shards of the source runs. An `--on-disk` index keeps its inverted lists in `DIR
 trained empty index that `add` fills new parts from.
 
 The pieces it builds on live in their own modules, and their names stay importable from here: `featshard.index.vectors`
-(Source, check_source, streaming and sampling shard rows), `featshard.index.recall` (tunable, exact_knn, recall_at, tune)
+(Source, check_source, streaming and sampling shard rows),
+`featshard.index.recall` (tunable, exact_knn, recall_at, tune)
 and `featshard.index.faissutil` (METRICS, faiss_metric, unwrap, is_exact, apply_params, faiss_stdout_to_stderr).
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ from featshard.store.manifest import write_json_atomic
 from featshard.store.plan import Shard, plan_shards
 from featshard.runner.prepare import Prepared, prepare, scan, shard_attrs
 from featshard.runner.report import summarize, verdict
-from featshard.runner.retry import durable_rows
+from featshard.runner.resume import durable_rows
 from featshard.runner.runtime import tune_process_env
 from featshard.runner.worker import ShardResult, ShardSpec, Stopped
 

@@ -22,7 +22,8 @@ from featshard.extract.models import ModelSpec
 from featshard.store.plan import Shard, chunk_ranges
 from featshard.extract.preprocess import Preprocess
 from featshard.store.progress import Progress
-from featshard.runner.retry import BatchStream, clean_stale, durable_chunks
+from featshard.extract.stream import BatchStream
+from featshard.runner.resume import clean_stale, durable_chunks
 from featshard.store.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
 
 log = logging.getLogger("featshard.runner.worker")
@@ -172,7 +173,7 @@ def _run_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
 
 def _retry(spec: ShardSpec, extractor: LazyExtractor, progress: Progress,
            stages: dict[str, float]) -> tuple[int, int]:
-    from featshard.runner.retry import retry_failed
+    from featshard.runner.retryfailed import retry_failed
 
     progress.set(force=True, state="running", stage="retrying failed rows")
     return retry_failed(spec, extractor.get, stages, guarded_write)
@@ -188,7 +189,8 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
         return resumed, 0
     shards.parts_dir(spec.run_dir, spec.shard.name).mkdir(parents=True, exist_ok=True)
     cuda = extractor.device.startswith("cuda")
-    stream = BatchStream(spec, pending, cuda, device_decode=cuda and spec.prep.decode == "gpu").start()
+    stream = BatchStream(spec.shard.name, spec.source, pending, spec.prep, spec.batch_size, spec.loader_workers, cuda,
+                         device_decode=cuda and spec.prep.decode == "gpu").start()
     ext = extractor.get()  # while the loaders decode the first batches
     progress.set(force=True, stage="extracting")
     return resumed, _consume(spec, ext, stream, pending, stages, progress)

@@ -112,7 +112,7 @@ def concat_files(parts: Sequence[str], final: str, attrs: dict[str, Any], dim: i
         for part in parts:
             with h5py.File(part, "r") as src:
                 for name in DATASETS:
-                    _append(out[name], src[name][...])
+                    append(out[name], src[name][...])
                 total += src["rows"].shape[0]
         out.attrs["complete"] = True
     _check_parts(tmp, parts)
@@ -142,7 +142,8 @@ def out_dtype(name: str, dtype: str) -> Any:
     return {"features": dtype, "rows": np.int64, "failed_rows": np.int64}.get(name, STR)
 
 
-def _append(ds: h5py.Dataset, data: np.ndarray) -> None:
+def append(ds: h5py.Dataset, data: Any) -> None:
+    """Grow a resizable dataset by `data` along its first axis."""
     if len(data) == 0:
         return
     n = ds.shape[0]

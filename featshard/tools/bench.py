@@ -1,6 +1,7 @@
 """`featshard bench`: decode, model and end-to-end throughput side by side, on a realistic mixed image set.
 
-Builds (or reuses) OUT/data (see featshard.tools.benchdata), then for each model measures, median of --repeats: decode only
+Builds (or reuses) OUT/data (see featshard.tools.benchdata), then for each model measures, median of --repeats: decode
+only
 (all cores, exact and fast), model only (synthetic input: fp32, the precision `auto` picks, and compiled), a real
 `featshard run` (whole process and steady state, peak RSS), the seed-style per-image loop and a plain torch DataLoader
 pipeline; plus the fidelity of every fast path. Prints a table, writes OUT/bench.json and OUT/bench.png. Speed
