@@ -14,6 +14,7 @@ conversion of colour modes to RGB (CMYK/YCCK, alpha on white, 16-bit, I/F) `feat
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import stat
@@ -92,8 +93,9 @@ class _Alarm:
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), interval)
 
 
-def load_image(path: str, prep: Preprocess) -> np.ndarray:
-    """Decode `path` into a C-contiguous uint8 array (prep.crop, prep.crop, 3), RGB; raise ImageFailure otherwise."""
+def load_image(path: str | bytes, prep: Preprocess) -> np.ndarray:
+    """Decode `path` (a file path, or the bytes of an image file already in memory, e.g. an upload) into a
+    C-contiguous uint8 array (prep.crop, prep.crop, 3), RGB; raise ImageFailure otherwise."""
     alarm = _Alarm()
     try:
         alarm.start(prep.timeout)
@@ -106,8 +108,8 @@ def load_image(path: str, prep: Preprocess) -> np.ndarray:
         raise ImageFailure("timeout", f"no result within {prep.timeout:g} s (open + decode)") from None
 
 
-def _load(path: str, prep: Preprocess) -> np.ndarray:
-    with _open_regular(path) as f:
+def _load(path: str | bytes, prep: Preprocess) -> np.ndarray:
+    with open_source(path) as f:
         try:
             out = _decode(f, prep)
         except ImageFailure:
@@ -116,6 +118,15 @@ def _load(path: str, prep: Preprocess) -> np.ndarray:
             raise _classify(e, f) from None
     arr = np.asarray(out)
     return arr if arr.flags.writeable else arr.copy()
+
+
+def open_source(path: str | bytes) -> IO[bytes]:
+    """The image file to decode: bytes in memory as they are, a path through `_open_regular`."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if not len(path):
+            raise ImageFailure("empty", "file is empty (0 bytes)")
+        return io.BytesIO(bytes(path))
+    return _open_regular(path)
 
 
 def _open_regular(path: str) -> IO[bytes]:
