@@ -1,7 +1,6 @@
 """Models by name from torchvision's registry, their weights (DEFAULT | none | PATH), layer, pooling and precision."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -9,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from featshard.errors import FeatshardError, UsageError
+from featshard.system import sha256_file
 from featshard.extract.preprocess import Preprocess, from_transforms
 
 log = logging.getLogger("featshard.extract.models")
@@ -79,16 +79,13 @@ def weights_identity(spec: ModelSpec) -> str:
 
 
 def file_sha256(path: str) -> str:
+    """The weights file's sha256, or a UsageError saying why it cannot be read."""
     if not os.path.isfile(path):
         raise UsageError(f"--weights {path!r}: no such file (use DEFAULT, none, or a local .pth file)")
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise UsageError(f"--weights {path!r}: cannot read: {exc}") from exc
-    return digest.hexdigest()
 
 
 def cpu_has_bf16() -> bool:
@@ -124,21 +121,43 @@ def _gpus_have_bf16() -> bool:
         return False
 
 
-def build_model(spec: ModelSpec) -> Any:
-    """The torchvision model with its weights loaded, on the CPU, in eval mode."""
+def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
+    """The torchvision model with its weights loaded, in eval mode. On `device="meta"` (the coordinator's probe)
+    nothing is allocated or computed, but a weights file is still read and checked against the model's shapes."""
+    import warnings
+
     import torch
     import torchvision
 
     check_model_name(spec.name)
-    if spec.weights.lower() == "none":
-        torch.manual_seed(spec.seed)  # identical random init in every worker
-        model = torchvision.models.get_model(spec.name, weights=None)
-    elif spec.weights == "DEFAULT":
-        model = torchvision.models.get_model(spec.name, weights=None)
-        model.load_state_dict(_download_default(spec.name))
-    else:
-        model = _from_file(spec.name, spec.weights)
+    with torch.device(device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        if spec.weights.lower() == "none":
+            torch.manual_seed(spec.seed)  # identical random init in every worker
+            model = torchvision.models.get_model(spec.name, weights=None)
+        elif spec.weights == "DEFAULT":
+            model = torchvision.models.get_model(spec.name, weights=None)
+            model.load_state_dict(_download_default(spec.name))
+        else:
+            model = _from_file(spec.name, spec.weights)
     return model.eval()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of what computes the vectors (recorded in the manifest and in every shard file)."""
+    import platform
+
+    import h5py
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    from featshard import __version__
+
+    return {"featshard": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
+            "python": platform.python_version()}
 
 
 def _download_default(name: str) -> dict[str, Any]:
