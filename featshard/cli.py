@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm": ("featshard.runner.slurm", "write (and submit) SLURM job-array scripts for a run"),
     "bench": ("featshard.tools.bench", "measure decode, model and end-to-end throughput side by side"),
     "demo": ("featshard.tools.demo", "build the embedded demo set and run run/merge/search on it"),
+    "serve": ("featshard.tools.serve", "HTTP search service and result gallery over a run's index"),
 }
 
 
