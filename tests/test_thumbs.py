@@ -2,26 +2,15 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 
 import pytest
 from helpers import photo
 from PIL import Image
+from serverproc import bomb_png
 
 from featshard.extract.decode import ImageFailure
 from featshard.tools.thumbs import ThumbCache, make_thumbnail
-
-
-def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
-    """A valid-looking PNG of a few hundred bytes whose header declares width x height pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + \
-        chunk(b"IEND", b"")
 
 
 def test_thumbnail_is_a_small_jpeg_of_the_image(tmp_path):

@@ -58,6 +58,7 @@ async def read_upload(request: Request, limit: int) -> Upload:
         await body.drain(limit * DRAIN_FACTOR)
         raise _too_large(limit) from None
     except MultiPartException as exc:
+        await body.drain(limit * DRAIN_FACTOR)  # the answer must reach the client: see the module's text
         raise ApiError(400, f"bad multipart body: {exc.message}", "bad_multipart") from None
     try:
         image = form.get("image")
