@@ -21,6 +21,12 @@ function setStatus(text, isError) {
   el.classList.toggle("error", Boolean(isError));
 }
 
+// the file's own name: list entries are often long absolute paths (the full name is in the tooltip)
+function shortName(name) {
+  if (!name) return "(no name)";
+  return name.split(/[\\/]/).pop() || name;
+}
+
 function formatScore(score) {
   return typeof score === "number" ? score.toFixed(4) : "";
 }
@@ -36,7 +42,7 @@ function card(hit, rank) {
   img.addEventListener("error", () => node.classList.add("broken"), { once: true });
   node.querySelector(".rank").textContent = rank === undefined ? "" : `#${rank}`;
   node.querySelector(".score").textContent = formatScore(hit.score);
-  node.querySelector(".name").textContent = hit.name || "(no name)";
+  node.querySelector(".name").textContent = shortName(hit.name);
   return node;
 }
 
@@ -61,6 +67,7 @@ async function searchFile(file) {
   }
   const url = URL.createObjectURL(file);
   showQuery(url, file.name);
+  $("query").title = file.name;
   state.queryUrl = url;
   setStatus(`searching for ${file.name}…`);
   const form = new FormData();
@@ -82,9 +89,10 @@ async function searchStored(id) {
   setStatus(`neighbours of image ${id}…`);
   try {
     const body = await api(`/api/neighbors/${encodeURIComponent(id)}?k=${encodeURIComponent($("k").value)}`);
-    showQuery(`/thumb/${body.query.id}`, body.query.name || `image ${body.query.id}`);
+    showQuery(`/thumb/${body.query.id}`, shortName(body.query.name));
+    $("query").title = body.query.name || "";
     showResults(body.results);
-    setStatus(`${body.results.length} neighbours of ${body.query.name} in ${body.took_ms.toFixed(0)} ms`);
+    setStatus(`${body.results.length} neighbours of ${shortName(body.query.name)} in ${body.took_ms.toFixed(0)} ms`);
   } catch (err) {
     $("results").replaceChildren();
     setStatus(`could not load neighbours: ${err.message}`, true);
