@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import socket
-import statistics
 import threading
 import time
 import uuid
@@ -20,6 +19,9 @@ import pytest
 from helpers import FAST, cli, make_images, mobilenet_weights, write_list
 from PIL import Image
 from serverproc import Server, bomb_png, multipart
+
+from featshard.errors import UsageError
+from featshard.tools.serveload import HEADER, loopback_target, run_load
 
 pytestmark = pytest.mark.slow
 N_A, N_B = 8, 3  # stored images of the served run and of the run added to its index
@@ -252,26 +254,21 @@ def test_concurrent_searches_share_forward_passes(server, runs):
 
 def test_load_500_requests_8_at_a_time(server, runs):
     """Bounded: 500 uploads of stored images, 8 in flight, to 127.0.0.1 only; zero errors; prints p50/p95."""
-    assert server.host == "127.0.0.1"
     payloads = [image_bytes(runs, i) for i in range(N_A)]
-    latencies: list[float] = []
-
-    def one(i: int) -> int:
-        t = time.perf_counter()
-        got = server.upload(payloads[i % N_A], k="3")
-        latencies.append(time.perf_counter() - t)
-        return got.json()["results"][0]["id"] if got.status == 200 else -got.status
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        firsts = list(pool.map(one, range(500)))
-    wall = time.perf_counter() - started
-    errors = [(i, f) for i, f in enumerate(firsts) if f != i % N_A]
-    q = statistics.quantiles(latencies, n=20)
-    print(f"\nload: 500 requests, 8 concurrent: {500 / wall:.1f} req/s, p50 {statistics.median(latencies) * 1000:.0f} "
-          f"ms, p95 {q[18] * 1000:.0f} ms, {len(errors)} errors")
-    assert not errors, errors[:10]
+    result = run_load(server.url, payloads, requests=500, concurrency=8, k=3)
+    print(f"\nload, 500 requests, 8 at a time:\n{HEADER}\n{result.row()}")
+    assert result.statuses == {200: 500} and len(result.latencies_s) == 500
+    assert result.first_ids == [i % N_A for i in range(500)]  # every answer is its own query's
+    assert result.forward_passes < 500  # batched
     assert server.get("/healthz").status == 200
+
+
+def test_load_tester_only_targets_loopback():
+    for url in ("http://10.1.2.3:8000", "http://192.168.0.1", "https://127.0.0.1:8000", "ftp://localhost"):
+        with pytest.raises(UsageError):
+            loopback_target(url)
+    assert loopback_target("http://127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert loopback_target("http://localhost:9") == ("localhost", 9)
 
 
 @pytest.fixture()

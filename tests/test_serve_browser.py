@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 from helpers import FAST, cli, make_images, mobilenet_weights, write_list
