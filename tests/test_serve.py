@@ -1,4 +1,5 @@
-"""`featshard serve` end to end: a real server process on 127.0.0.1 over a real (float16) run plus an added run.
+"""`featshard serve` end to end: a real server process on 127.0.0.1 over a real (float16) run plus an added run,
+in an on-disk IVF index.
 
 Every endpoint, every hostile input of issue 11 (each a 4xx JSON answer, /healthz still 200 afterwards), answers
 equal to `featshard search --json`, batching of concurrent requests, overload (503), the per-request timeout (504),
@@ -40,7 +41,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with ThreadPoolExecutor(2) as pool:  # the two runs side by side: half the fixture's time on 2 cores
         list(pool.map(lambda io: cli("run", "--input", str(base / io[0]), "--out", str(base / io[1]), *args,
                                      check=True), [("a.txt", "run"), ("b.txt", "more-run")]))
-    cli("merge", str(base / "run"), check=True)
+    # an on-disk IVF (memory-mapped lists) with nprobe = nlist: exact answers, comparable one to one
+    cli("merge", str(base / "run"), "--index-spec", "IVF2,Flat", "--on-disk", check=True)
     cli("add", str(base / "run"), "--from", str(base / "more-run"), check=True)
     return base
 
@@ -74,7 +76,8 @@ def test_info_describes_model_index_and_runs(server):
     info = server.get("/api/info").json()
     assert (info["model"], info["layer"], info["dim"], info["dtype"]) == ("mobilenet_v2", "classifier.0", 1280,
                                                                           "float16")
-    assert info["ntotal"] == N_A + N_B and info["spec"] == "Flat" and info["metric"] == "ip"
+    assert info["ntotal"] == N_A + N_B and info["spec"] == "IVF2,Flat" and info["metric"] == "ip"
+    assert info["on_disk"] and info["search_params"] == {"nprobe": 2}
     assert info["recall_at_10"] == pytest.approx(1.0) and info["k"] == 5 and info["max_upload_mb"] == 1
     assert [(r["name"], r["id_offset"], r["rows"], r["stored"], r["images"]) for r in info["runs"]] == [
         ("run", 0, N_A + 1, N_A, True), ("more-run", OFFSET, N_B, N_B, True)]
