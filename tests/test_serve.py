@@ -19,7 +19,7 @@ import psutil
 import pytest
 from helpers import FAST, cli, make_images, mobilenet_weights, write_list
 from PIL import Image
-from serverproc import Server, bomb_png, multipart
+from serverproc import Server, bomb_png, free_port, multipart
 
 from featshard.errors import UsageError
 from featshard.tools.serveload import HEADER, loopback_target, run_load
@@ -305,3 +305,16 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path, runs):
     assert proc.returncode == 2 and "one model per process" in proc.stderr
     proc = cli("serve", str(runs / "run"), "--max-batch", "0")
     assert proc.returncode == 2 and "--max-batch" in proc.stderr
+
+
+def test_a_run_that_cannot_load_stops_the_server_with_the_reason(tmp_path, runs):
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs / "run", copy, ignore=shutil.ignore_patterns("serve-cache"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"]["weights"] = str(tmp_path / "gone.pth")  # the fine-tuned weights file was deleted
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("serve", str(copy), "--port", str(free_port()), timeout=120)
+    assert proc.returncode == 1 and "queries need the same weights" in proc.stderr, proc.stderr[-2000:]

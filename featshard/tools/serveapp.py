@@ -63,7 +63,12 @@ class Server:
                        for route, (name, ctype) in STATIC.items()}
 
     async def run(self, pool: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        """fn(*args) on a worker thread, answered 504 past --timeout (the thread finishes; its result is dropped)."""
+        job = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        try:
+            return await asyncio.wait_for(job, self.options.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"no answer within --timeout {self.options.timeout_s:g} s", "timeout") from None
 
     def require_ready(self) -> None:
         if not self.state.ready:
