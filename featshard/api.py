@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from featshard.index.config import AddConfig, DedupConfig, MergeConfig, SearchConfig
 from featshard.options import takes
 from featshard.runner.config import RunConfig, StatusConfig, VerifyConfig
+from featshard.tools.config import ServeConfig
 
 if TYPE_CHECKING:
     from typing import Any
@@ -94,3 +95,11 @@ def status(config: StatusConfig) -> dict[str, Any]:
     from featshard.runner.status import run_status
 
     return run_status(config)
+
+
+@takes(ServeConfig)
+def serve(config: ServeConfig) -> None:
+    """Serve a run's index over HTTP (JSON API and a result gallery at `/`) until SIGINT/SIGTERM."""
+    from featshard.tools.serve.command import serve as serve_forever
+
+    serve_forever(config)

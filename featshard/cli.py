@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm": ("featshard.runner.config:SlurmConfig", "write (and submit) SLURM job-array scripts for a run"),
     "bench": ("featshard.tools.config:BenchConfig", "measure decode, model and end-to-end throughput side by side"),
     "demo": ("featshard.tools.config:DemoConfig", "build the embedded demo set and run run/merge/search on it"),
+    "serve": ("featshard.tools.config:ServeConfig", "HTTP search service and result gallery over a run's index"),
 }
 
 
@@ -175,8 +176,13 @@ def _demo(config: Any) -> int:
     return 0
 
 
+def _serve(config: Any) -> int:
+    api.serve(config=config)
+    return 0
+
+
 # command -> presenter: calls the API with the config, prints the result, returns the exit status
 SHOW: dict[str, Callable[[Any], int]] = {
     "run": _run, "merge": _merge, "search": _search, "verify": _verify, "dedup": _dedup, "add": _add,
-    "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo,
+    "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo, "serve": _serve,
 }
