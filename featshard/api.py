@@ -1,5 +1,6 @@
 """The Python API: one function per command, taking the command's options as keywords (the fields of its config
-dataclass, the same names and defaults as the command line) or a ready config (`run(config=RunConfig(...))`).
+dataclass, the same names and defaults as the command line), or a ready config:
+`featshard.run.with_config(RunConfig(...))`.
 
 ```python
 import featshard

@@ -83,7 +83,7 @@ def _json(data: Any) -> None:
 
 
 def _run(config: Any) -> int:
-    summary = api.run(config=config)
+    summary = api.run.with_config(config)
     if config.dry_run:
         _json({"rows": summary.rows, "input_sha256": summary.input_sha256, "num_nodes": summary.num_nodes,
                "plan": summary.plan})
@@ -91,14 +91,14 @@ def _run(config: Any) -> int:
 
 
 def _merge(config: Any) -> int:
-    api.merge(config=config)
+    api.merge.with_config(config)
     return 0
 
 
 def _search(config: Any) -> int:
     from featshard.index.search import render_csv, render_table
 
-    results = api.search(config=config)
+    results = api.search.with_config(config)
     if config.json:
         _json([r.to_dict() for r in results])
     else:
@@ -109,7 +109,7 @@ def _search(config: Any) -> int:
 def _verify(config: Any) -> int:
     from featshard.runner.verify import render
 
-    report = api.verify(config=config)
+    report = api.verify.with_config(config)
     print(json.dumps(report.to_dict(), indent=2) if config.json else render(report))
     return 0 if report.ok else 1
 
@@ -117,21 +117,21 @@ def _verify(config: Any) -> int:
 def _dedup(config: Any) -> int:
     from featshard.index.dedup import output_format, render
 
-    result = api.dedup(config=config)
+    result = api.dedup.with_config(config)
     if not config.out:
         sys.stdout.write(render(result, output_format(config)))
     return 0
 
 
 def _add(config: Any) -> int:
-    api.add(config=config)
+    api.add.with_config(config)
     return 0
 
 
 def _status(config: Any) -> int:
     from featshard.runner.status import render_any
 
-    status = api.status(config=config)
+    status = api.status.with_config(config)
     print(json.dumps(status, indent=2, sort_keys=True) if config.json else render_any(status))
     return 0
 
@@ -177,7 +177,7 @@ def _demo(config: Any) -> int:
 
 
 def _serve(config: Any) -> int:
-    api.serve(config=config)
+    api.serve.with_config(config)
     return 0
 
 
