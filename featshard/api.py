@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from featshard.index.reader import IndexInfo
     from featshard.index.search import QueryResult
     from featshard.runner.report import RunSummary
-    from featshard.runner.verify import Report
+    from featshard.runner.verifyreport import Report
 
 
 @takes(RunConfig)

@@ -107,7 +107,7 @@ def _search(config: Any) -> int:
 
 
 def _verify(config: Any) -> int:
-    from featshard.runner.verify import render
+    from featshard.runner.verifyreport import render
 
     report = api.verify.with_config(config)
     print(json.dumps(report.to_dict(), indent=2) if config.json else render(report))
