@@ -32,7 +32,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 RUN ?=
 SERVE_ARGS ?=
 
-.PHONY: help install install-simd install-browser demo test lint bench serve clean distclean slurm-dry-run slurm-submit slurm-vars
+.PHONY: help install install-simd install-browser demo test test-fast lint bench serve clean distclean slurm-dry-run slurm-submit slurm-vars
 
 help:  ## list the targets (this text)
 	@echo "featshard: make TARGET"
@@ -52,6 +52,9 @@ demo: install  ## build the demo set and run run -> merge -> search on it (all G
 
 test: install  ## run the test suite (pytest -q tests/)
 	$(PY) -m pytest -q tests/ $(PYTEST_ARGS)
+
+test-fast: install  ## the unit layer only (pytest -m "not slow"): under 2 minutes on 2 cores
+	$(PY) -m pytest -q -m "not slow" tests/ $(PYTEST_ARGS)
 
 lint: install  ## ruff check featshard tests examples (installs ruff into .venv)
 	test -x $(VENV)/bin/ruff || $(PIP) install -q 'ruff>=0.5'

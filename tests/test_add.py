@@ -5,7 +5,7 @@ import json
 import faiss
 import numpy as np
 import pytest
-from runfactory import clustered, make_run
+from helpers import clustered, make_run
 
 from featshard import cli
 from featshard.index import add

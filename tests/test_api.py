@@ -34,6 +34,7 @@ def run(images: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_merge_search_open_run(run: Path, images: Path) -> None:
     info = featshard.merge(str(run), index_spec="Flat")
     assert (info.ntotal, info.spec, info.recall, info.dim) == (8, "Flat", 1.0, 1280)
@@ -52,6 +53,7 @@ def test_merge_search_open_run(run: Path, images: Path) -> None:
     assert int(ids[0, 0]) == int(batches[0][0][0])
 
 
+@pytest.mark.slow
 def test_verify_dedup_status(run: Path) -> None:
     featshard.merge(str(run))
     report = featshard.verify(str(run))

@@ -1,7 +1,7 @@
-"""The bad-input corpus (tests/corpus.py) end to end through the real CLI: CSV input (for the name with a newline),
-`--gpus cpu:2`, a short per-image deadline. The run completes, `verify` passes, every bad file is a failure row with
-its expected reason class, every good one (the huge 6000x4000 JPEG included) a feature row, and the same path listed
-twice gives two rows with the same features.
+"""The bad-input corpus (tests/helpers/corpus.py) end to end through the real CLI: CSV input (for the name with a
+newline), `--gpus cpu:2`, a short per-image deadline. The run completes, `verify` passes, every bad file is a failure
+row with its expected reason class, every good one (the huge 6000x4000 JPEG included) a feature row, and the same path
+listed twice gives two rows with the same features.
 
 One more row is a file whose reads never complete, as on a stalled network mount: a one-file FUSE file system served
 by this test (raw /dev/fuse protocol, no libfuse; needs root, else that row is left out and its test skipped). It
@@ -27,8 +27,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 import pytest
-from corpus import make_corpus
+from helpers import make_corpus
 from helpers import FAST, cli
+
+pytestmark = pytest.mark.slow  # runs the real pipeline: `make test-fast` leaves it out
 
 
 # ---- a file whose reads never complete ---------------------------------------------------------------------------

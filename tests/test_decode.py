@@ -17,7 +17,7 @@ from torchvision.transforms import functional as F
 
 import featshard.extract.decode as decode
 import featshard.extract.resizecrop as resizecrop
-from corpus import cmyk_array, corpus_names, make_corpus, photo
+from helpers import cmyk_array, corpus_names, make_corpus, textured
 from featshard.extract.decode import REASONS, ImageFailure, load_image
 from featshard.extract.preprocess import Preprocess
 
@@ -60,7 +60,7 @@ def test_corpus_names_and_reasons(corpus: tuple[Path, dict[str, str | None]]) ->
     _, expected = corpus
     assert list(expected) == corpus_names()
     assert {r for r in expected.values() if r} <= set(REASONS)
-    wanted = set(REASONS) - {"timeout", "error", "permission"}  # permission: only when not root (see corpus.py)
+    wanted = set(REASONS) - {"timeout", "error", "permission"}  # permission: only when not root (see helpers/corpus.py)
     assert wanted <= set(expected.values())
 
 
@@ -91,7 +91,7 @@ GEOMETRIES = [(256, 224, "bilinear"), (232, 224, "bilinear"), (342, 299, "bicubi
 def test_exact_is_bit_identical_to_torchvision(tmp_path: Path, size: tuple[int, int], mode: str, fmt: str,
                                                geometry: tuple[int, int, str]) -> None:
     path = tmp_path / f"image.{fmt.lower()}"
-    Image.fromarray(photo(*size, seed=size[0])).convert(mode).save(path, fmt)
+    Image.fromarray(textured(*size, seed=size[0])).convert(mode).save(path, fmt)
     with Image.open(path) as im:
         expected = reference(ImageOps.exif_transpose(im).convert("RGB"), *geometry)
     np.testing.assert_array_equal(load_image(str(path), prep("exact", *geometry)), expected)
@@ -100,7 +100,7 @@ def test_exact_is_bit_identical_to_torchvision(tmp_path: Path, size: tuple[int, 
 def test_exact_beyond_256_to_1_resamples_only_the_crop(tmp_path: Path) -> None:
     """1x5000-like aspect: torchvision would materialise a huge image; decode stays within a level or two."""
     path = tmp_path / "thin.png"
-    Image.fromarray(photo(4, 2000, seed=3)).save(path)
+    Image.fromarray(textured(4, 2000, seed=3)).save(path)
     p = prep("exact", 64, 56)
     assert 64 * 32000 > resizecrop._EXACT_MAX_AREA * 64**2  # really on the crop-only path
     out = load_image(str(path), p).astype(int)
@@ -115,7 +115,7 @@ def _real_photos() -> list[Image.Image]:
 @pytest.mark.parametrize("scale", [1, 2])
 def test_fast_is_close_to_exact(tmp_path: Path, scale: int) -> None:
     """Real photos (skimage) and a synthetic one, as JPEG q90, at 1x and 2x their size: draft + box resize vs exact."""
-    images = [Image.fromarray(a) for a in _real_photos()] + [Image.fromarray(photo(700, 500, seed=1))]
+    images = [Image.fromarray(a) for a in _real_photos()] + [Image.fromarray(textured(700, 500, seed=1))]
     diffs, cosines = [], []
     for i, im in enumerate(images):
         path = tmp_path / f"{i}.jpg"
@@ -143,7 +143,7 @@ def test_fast_draft_never_upscales(tmp_path: Path, size: tuple[int, int], orient
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied_exactly(tmp_path: Path, orientation: int) -> None:
-    shown = Image.fromarray(photo(400, 300, seed=orientation))
+    shown = Image.fromarray(textured(400, 300, seed=orientation))
     shown.paste((255, 0, 0), (0, 0, 120, 60))  # a red block top-left makes every transposition distinct
     stored = shown.transpose(SHOWN_FROM_STORED_INVERSE[orientation]) if orientation > 1 else shown
     exif = Image.Exif()
@@ -157,7 +157,7 @@ def test_exif_orientation_is_applied_exactly(tmp_path: Path, orientation: int) -
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exif_orientation_with_jpeg_draft(tmp_path: Path, orientation: int) -> None:
-    shown = Image.fromarray(photo(1300, 975, seed=50 + orientation))
+    shown = Image.fromarray(textured(1300, 975, seed=50 + orientation))
     shown.paste((255, 0, 0), (250, 160, 650, 400))
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -191,7 +191,7 @@ def test_32bit_integer_and_float_images(tmp_path: Path, kind: str) -> None:
 
 
 def test_transparency_is_composited_on_white(tmp_path: Path) -> None:
-    rgb = photo(256, 256, seed=4)
+    rgb = textured(256, 256, seed=4)
     alpha = np.tile(np.linspace(0, 255, 256).astype(np.uint8), (256, 1))
     Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
     out = load_image(str(tmp_path / "rgba.png"), prep("exact")).astype(float)
@@ -216,7 +216,7 @@ def test_cmyk_and_ycck_jpegs_have_the_right_colours(corpus: tuple[Path, dict[str
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
 def test_animated_images_give_their_first_frame(tmp_path: Path, fmt: str) -> None:
-    frames = [np.clip(photo(200, 150, seed=9).astype(int) // 3 + np.array(tint), 0, 255).astype(np.uint8)
+    frames = [np.clip(textured(200, 150, seed=9).astype(int) // 3 + np.array(tint), 0, 255).astype(np.uint8)
               for tint in [(170, 0, 0), (0, 170, 0), (0, 0, 170)]]
     path = tmp_path / f"anim.{fmt.lower()}"
     first, *rest = [Image.fromarray(f) for f in frames]
@@ -229,7 +229,7 @@ def test_animated_images_give_their_first_frame(tmp_path: Path, fmt: str) -> Non
 def test_max_pixels_refuses_from_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     path = tmp_path / "big.jpg"
-    Image.fromarray(photo(640, 480)).save(path)
+    Image.fromarray(textured(640, 480)).save(path)
     for limit in (100_000, 640 * 480 - 1):  # Pillow's DecompressionBombError path, then its warning path
         with pytest.raises(ImageFailure) as info:
             load_image(str(path), prep(max_pixels=limit))
@@ -252,7 +252,7 @@ def test_fifo_socket_and_device_are_refused_without_blocking(tmp_path: Path) -> 
 
 def test_permission_denied(tmp_path: Path) -> None:
     path = tmp_path / "secret.jpg"
-    Image.fromarray(photo(64, 64)).save(path)
+    Image.fromarray(textured(64, 64)).save(path)
     path.chmod(0)
     euid = os.geteuid()
     if euid == 0:

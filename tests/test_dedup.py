@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import FAST, mobilenet_weights
 from PIL import Image
-from runfactory import make_run, normalize
+from helpers import make_run, normalize
 
 from featshard import cli
 from featshard.index import dedup

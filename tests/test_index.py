@@ -5,7 +5,7 @@ import json
 import faiss
 import numpy as np
 import pytest
-from runfactory import clustered, make_run
+from helpers import clustered, make_run
 
 from featshard.index import reader as fx
 from featshard.index import merge

@@ -6,7 +6,7 @@ import faiss
 import h5py
 import numpy as np
 import pytest
-from runfactory import clustered, make_run
+from helpers import clustered, make_run
 
 from featshard import cli
 from featshard.tools import indexbench

@@ -23,6 +23,8 @@ from featshard.store import shards
 from featshard.cli import main
 from featshard.store.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # runs the real pipeline: `make test-fast` leaves it out
+
 CHUNK = 2
 ROWS = 24  # 2 shards of 12 rows, 6 chunks each
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runfactory import make_run, normalize
+from helpers import make_run, normalize
 
 from featshard.index.vectors import source_of
 from featshard.store.inputs import open_input, scan_input

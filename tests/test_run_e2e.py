@@ -10,6 +10,8 @@ from helpers import FAST, cli, make_images, mobilenet_weights, read_all, write_l
 
 from featshard.store import shards
 
+pytestmark = pytest.mark.slow  # runs the real pipeline: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:

@@ -81,6 +81,7 @@ def test_out_dir_that_is_a_file(capsys: pytest.CaptureFixture[str], small_list: 
     assert code == 2 and "not a directory" in err
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_then_overwrite(small_list: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cli("run", "--input", str(small_list), "--out", str(out), "--gpus", "cpu", "--weights", "none", *FAST, check=True)
@@ -104,6 +105,7 @@ def _wait_running(out: Path, deadline: float) -> dict:
     raise AssertionError("no shard started running")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retries", [0, 1])
 def test_sigkilled_worker_never_hangs_run(tmp_path: Path, retries: int) -> None:
     lst = write_list(tmp_path / "list.txt", make_images(tmp_path / "imgs", 5) * 12)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from helpers import FAST, cli, make_images, mobilenet_weights, write_list
 from PIL import Image
-from serverproc import Server, bomb_png, free_port, multipart
+from helpers.server import Server, bomb_png, free_port, multipart
 
 from featshard.errors import UsageError
 from featshard.tools.serve.load import HEADER, loopback_target, run_load

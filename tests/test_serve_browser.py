@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 from helpers import FAST, cli, make_images, mobilenet_weights, write_list
-from serverproc import Server
+from helpers.server import Server
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("FEATSHARD_CHROMIUM", "/usr/bin/chromium")

@@ -25,6 +25,8 @@ from test_resume import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # runs the real pipeline: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -7,7 +7,7 @@ import time
 import pytest
 from helpers import photo
 from PIL import Image
-from serverproc import bomb_png
+from helpers.server import bomb_png
 
 from featshard.extract.decode import ImageFailure
 from featshard.tools.serve.thumbs import ThumbCache, make_thumbnail

@@ -16,6 +16,8 @@ from test_resume import ROWS, assert_same_output, durable, run_args, shared_refe
 from featshard.store import shards
 from featshard.store.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # runs the real pipeline: `make test-fast` leaves it out
+
 SHARDS = ("shard-00000-of-00002", "shard-00001-of-00002")
 
 

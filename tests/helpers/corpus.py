@@ -32,7 +32,7 @@ NEWLINE_NAME = "new\nline.jpg"
 Writer = Callable[[Path], Any]
 
 
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+def textured(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A photo-like uint8 (height, width, 3) image: colour gradients, texture and noise."""
     rng = np.random.default_rng(SEED + seed)
 
@@ -47,7 +47,7 @@ def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def _img(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
-    im = Image.fromarray(photo(width, height, seed))
+    im = Image.fromarray(textured(width, height, seed))
     return im if mode == "RGB" else im.convert(mode)
 
 
@@ -92,7 +92,7 @@ def _png(width: int, height: int, bit_depth: int, color_type: int, idat: bytes) 
 def _corrupt_middle_png() -> bytes:
     """Garbage over the middle scanlines, then validly compressed (zlib cannot hide it, CRCs are right): the rows'
     filter-type bytes become impossible values and Pillow's PNG decoder fails. Independent of the zlib build."""
-    rgb = photo(400, 300, 3)
+    rgb = textured(400, 300, 3)
     raw = bytearray(np.concatenate([np.zeros((300, 1), np.uint8), rgb.reshape(300, -1)], 1).tobytes())
     mid = len(raw) // 2
     raw[mid: mid + 4000] = np.random.default_rng(SEED).integers(5, 256, 4000, dtype=np.uint8).tobytes()
@@ -171,7 +171,7 @@ def _palette_transparent(fmt: str) -> Writer:
 
 def _with_alpha(mode: str) -> Writer:
     def write(path: Path) -> None:
-        rgb = Image.fromarray(photo(200, 150, 9))
+        rgb = Image.fromarray(textured(200, 150, 9))
         alpha = Image.fromarray(np.tile(np.linspace(0, 255, 200).astype(np.uint8), (150, 1)))
         bands = (rgb.convert("L"), alpha) if mode == "LA" else (*rgb.split(), alpha)
         Image.merge(mode, bands).save(path, "PNG")
@@ -180,7 +180,7 @@ def _with_alpha(mode: str) -> Writer:
 
 def _scalar_tiff(kind: str) -> Writer:
     def write(path: Path) -> None:
-        luma = photo(200, 150, 12).astype(np.float32).mean(-1)
+        luma = textured(200, 150, 12).astype(np.float32).mean(-1)
         if kind == "I;16":
             Image.fromarray((luma * 257).astype(np.uint16)).save(path, "PNG")
         elif kind == "I":

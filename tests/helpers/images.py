@@ -1,17 +1,14 @@
-"""Shared test helpers: photo-like images made on the fly, the offline MobileNetV2 weights, running the real CLI."""
+"""Images made on the fly for tests: photo-like pictures in several sizes and formats, list files, the offline
+MobileNetV2 ImageNet weights."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def photo(seed: int, width: int, height: int) -> Image.Image:
@@ -56,32 +53,3 @@ def mobilenet_weights() -> str:
     if not path.is_file():
         pytest.skip(f"{path} missing")
     return str(path)
-
-
-def cli(*args: str, timeout: float = 300, check: bool = False, env: dict[str, str] | None = None,
-        **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run `python -m featshard ARGS` as a user would; returns the completed process (text)."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "featshard", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=str(REPO), **kw)  # type: ignore[call-overload]
-    if check and proc.returncode != 0:
-        raise AssertionError(f"featshard {' '.join(args)} -> {proc.returncode}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def read_all(run: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Every dataset of every finished shard of a run, by file name."""
-    import h5py
-
-    from featshard.store import shards
-
-    out = {}
-    for path in sorted((run / "shards").glob("shard-*.h5")):
-        with h5py.File(path, "r") as h5:
-            out[path.name] = {k: h5[k][...] for k in shards.DATASETS}
-    return out
-
-
-# --graph eager: the same vectors in every test run (auto picks by timing); tests of auto pass it themselves
-FAST = ["--model", "mobilenet_v2", "--batch-size", "4", "--loader-workers", "1", "--precision", "fp32",
-        "--graph", "eager"]

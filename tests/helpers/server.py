@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from helpers import REPO
+from helpers.cli import REPO
 
 
 def free_port() -> int:
