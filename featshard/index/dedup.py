@@ -10,8 +10,8 @@ connected components of the pairs (union-find). Random-init weights (`--weights 
 > 0.9: dedup needs trained weights.
 Scores are the index's own: approximate for PQ indexes.
 
-Exact duplicates (`--exact`): the source runs' input lists are streamed; files of equal size are hashed (sha256,
-1 MiB blocks) and equal hashes form a group.
+Exact duplicates (`--exact`): the source runs' input lists are streamed; files (or tar members) of equal size are
+hashed (sha256, 1 MiB blocks) and equal hashes form a group.
 
 Output: a table on stdout (default), `--json` ({"near": [...], "exact": [...]}) or `--csv`, or into `--out FILE`.
 """
@@ -33,7 +33,8 @@ import numpy as np
 
 from featshard.index import reader as fx
 from featshard.errors import UsageError
-from featshard.store.inputs import iter_items, open_input
+from featshard.store.inputs import item_size, iter_items, open_input, read_item_bytes
+from featshard.store.webdataset import TarMember
 from featshard.store.manifest import load_manifest
 
 log = logging.getLogger("featshard.index.dedup")
@@ -115,7 +116,10 @@ def _member(ident: int, where: tuple[str | None, str | None, int], score: float 
     return {"id": int(ident), "name": name, "run_dir": run_dir, "row": int(row), "score": score}
 
 
-def sha256_file(path: str, block: int = 1 << 20) -> str:
+def sha256_file(path: str | TarMember, block: int = 1 << 20) -> str:
+    """sha256 of an input image: a file in 1 MiB blocks, or a tar member's bytes."""
+    if isinstance(path, TarMember):
+        return hashlib.sha256(read_item_bytes(path)).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(block), b""):
@@ -125,18 +129,18 @@ def sha256_file(path: str, block: int = 1 << 20) -> str:
 
 def exact_groups(sources: Iterable[fx.Source]) -> list[dict[str, Any]]:
     """Groups of byte-identical input files over all source runs: size first, then sha256 of equal sizes."""
-    by_size: dict[int, list[tuple[int, str, str, str, int]]] = defaultdict(list)
+    by_size: dict[int, list[tuple[int, str, str, str | TarMember, int]]] = defaultdict(list)
     unreadable = 0
     for src in sources:
         manifest = load_manifest(src.run_dir)
         for item in iter_items(open_input(manifest["input"]["path"])):
             try:
-                size = os.stat(item.path).st_size
+                size = item_size(item.path)
             except OSError:
                 unreadable += 1
                 continue
             by_size[size].append((src.id_offset + item.row, item.name, str(src.run_dir), item.path, item.row))
-    by_hash: dict[str, list[tuple[int, str, str, str, int]]] = defaultdict(list)
+    by_hash: dict[str, list[tuple[int, str, str, str | TarMember, int]]] = defaultdict(list)
     for entries in (e for e in by_size.values() if len(e) > 1):
         for entry in entries:
             try:
