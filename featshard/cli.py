@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("featshard.runner.verify", "check that every input row is accounted for exactly once"),
     "dedup": ("featshard.index.dedup", "find exact and near-duplicate groups"),
     "add": ("featshard.index.add", "add another run's vectors to an existing index"),
+    "export": ("featshard.tools.export", "write a run's vectors as clip-retrieval npy + parquet, or parquet"),
     "status": ("featshard.runner.status", "per-shard progress of a run, live or after a crash"),
     "slurm": ("featshard.runner.slurm", "write (and submit) SLURM job-array scripts for a run"),
     "bench": ("featshard.tools.bench", "measure decode, model and end-to-end throughput side by side"),
