@@ -26,6 +26,7 @@ import numpy as np
 from featshard.errors import UsageError
 from featshard.extract.models import ModelSpec, build_model, last_linear
 from featshard.extract.preprocess import Preprocess
+from featshard.extract.timmmodels import is_timm, timm_feature_net
 
 log = logging.getLogger("featshard.extract.extractor")
 _warned_gpu_decode = False
@@ -56,6 +57,17 @@ def resolve_layer(model: Any, layer: str | None) -> str:
         raise UsageError(f"unknown --layer {layer!r}; the model's last nodes are: {tail} "
                          "(torchvision.models.feature_extraction.get_graph_node_names lists all)")
     return layer
+
+
+def feature_net(spec: ModelSpec, model: Any) -> tuple[str, Any]:
+    """(layer, network returning {"feat": tensor}): a torchvision FX feature extractor at the layer, or for timm
+    models their pooled pre-logits (or an FX node with --layer)."""
+    if is_timm(spec.name):
+        return timm_feature_net(model, spec.layer)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    layer = resolve_layer(model, spec.layer)
+    return layer, create_feature_extractor(model, return_nodes={layer: "feat"}).eval()
 
 
 def pool_features(x: Any, pool: str, gem_p: float = 3.0) -> Any:
@@ -89,14 +101,11 @@ class Extractor:
         `compile` is None) forces torch.compile, compiled here for batches of `batch_size` (default: the run's
         default, 32 on CPU, 128 on GPU; smaller batches are padded)."""
         import torch
-        from torchvision.models.feature_extraction import create_feature_extractor
 
         self.spec, self.prep, self.device = spec, prep, torch.device(device)
         self.pad_to = 0  # compiled: batches are padded to the largest size seen (one static shape, no recompiles)
         self.compiled = False
-        model = build_model(spec)
-        self.layer = resolve_layer(model, spec.layer)
-        self.net = create_feature_extractor(model, return_nodes={self.layer: "feat"}).eval()
+        self.layer, self.net = feature_net(spec, build_model(spec))
         self.net = self.net.to(self.device, memory_format=torch.channels_last)
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -119,7 +128,8 @@ class Extractor:
             self.net, self.compiled = torch.compile(self.net, dynamic=False), True
             self.forward_device(self.to_device(np.zeros((size, self.prep.crop, self.prep.crop, 3), np.uint8)))
             return "compile", {}
-        if graph == "eager" or (graph == "auto" and (self.device.type != "cpu" or self.spec.precision != "fp32")):
+        auto_eager = self.device.type != "cpu" or self.spec.precision != "fp32" or is_timm(self.spec.name)
+        if graph == "eager" or (graph == "auto" and auto_eager):
             return "eager", {}
         rng = np.random.default_rng(0)  # photo-free but not constant input: a constant image hides fusion errors
         example = self.to_device(rng.integers(0, 256, (min(size, 8), self.prep.crop, self.prep.crop, 3), np.uint8))

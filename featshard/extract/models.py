@@ -1,4 +1,5 @@
-"""Models by name from torchvision's registry, their weights (DEFAULT | none | PATH), layer, pooling and precision."""
+"""Models by name from torchvision's registry (or timm's: `timm:NAME`, featshard.extract.timmmodels), their weights
+(DEFAULT | none | PATH), layer, pooling and precision."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,7 @@ from typing import Any
 
 from featshard.errors import FeatshardError, UsageError
 from featshard.extract.preprocess import Preprocess, from_transforms
+from featshard.extract.timmmodels import build_timm, check_timm_name, is_timm, timm_identity, timm_preprocess
 
 log = logging.getLogger("featshard.extract.models")
 POOLS = ("avg", "max", "gem")
@@ -34,6 +36,9 @@ class ModelSpec:
 def check_model_name(name: str) -> None:
     import torchvision
 
+    if is_timm(name):
+        return check_timm_name(name)
+
     if name not in torchvision.models.list_models(module=torchvision.models):
         close = [m for m in torchvision.models.list_models(module=torchvision.models) if name[:4] in m][:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
@@ -51,7 +56,10 @@ def weights_enum(name: str) -> Any:
 
 def preprocess_for(name: str, weights: str = "DEFAULT", **overrides: Any) -> Preprocess:
     """The preprocessing recipe of the weights in use: torchvision's own weights are recognised (also as a local
-    file, by the sha256 prefix torchvision puts in its file names); random init and fine-tuned files use DEFAULT's."""
+    file, by the sha256 prefix torchvision puts in its file names); random init and fine-tuned files use DEFAULT's.
+    timm models: the pretrained tag's eval transform."""
+    if is_timm(name):
+        return timm_preprocess(name, **overrides)
     return from_transforms(matching_enum(name, weights).transforms(), **overrides)
 
 
@@ -73,6 +81,8 @@ def weights_identity(spec: ModelSpec) -> str:
     """What identifies the weights in the fingerprint: the file hash, the torchvision file name, or the seed."""
     if spec.weights.lower() == "none":
         return f"none:seed={spec.seed}"
+    if spec.weights == "DEFAULT" and is_timm(spec.name):
+        return timm_identity(spec.name)
     if spec.weights == "DEFAULT":
         return "torchvision:" + os.path.basename(weights_enum(spec.name).url)
     return "sha256:" + file_sha256(spec.weights)
@@ -125,10 +135,12 @@ def _gpus_have_bf16() -> bool:
 
 
 def build_model(spec: ModelSpec) -> Any:
-    """The torchvision model with its weights loaded, on the CPU, in eval mode."""
+    """The torchvision (or timm) model with its weights loaded, on the CPU, in eval mode."""
     import torch
     import torchvision
 
+    if is_timm(spec.name):
+        return build_timm(spec.name, spec.weights, spec.seed)
     check_model_name(spec.name)
     if spec.weights.lower() == "none":
         torch.manual_seed(spec.seed)  # identical random init in every worker

@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from featshard.store.manifest import diff_fields, fingerprint_of, manifest_path,
 from featshard.extract.models import ModelSpec, check_model_name, preprocess_for, resolve_precision, weights_identity
 from featshard.store.plan import Shard, plan_shards
 from featshard.extract.preprocess import Preprocess
+from featshard.extract.timmmodels import HEAD_LAYER, HEAD_POOL, is_timm, timm_fields
 
 log = logging.getLogger("featshard.runner.prepare")
 DTYPES = ("float32", "float16")
@@ -53,9 +55,12 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {"featshard": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version()}
+    out = {"featshard": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "numpy": numpy.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
+           "python": platform.python_version()}
+    if "timm" in sys.modules:  # imported by a timm model: not imported just to say its version
+        out["timm"] = sys.modules["timm"].__version__
+    return out
 
 
 def check_out_dir(out: str) -> str:
@@ -80,10 +85,16 @@ def model_spec(args: Any, device_kind: str) -> ModelSpec:
         weights = os.path.abspath(os.path.expanduser(weights))
     if args.pool not in ("avg", "max", "gem"):
         raise UsageError(f"--pool {args.pool!r}: choose avg, max or gem")
+    pool = args.pool
+    if is_timm(args.model) and args.layer in (None, HEAD_LAYER):
+        if pool != "avg":
+            raise UsageError(f"--pool {pool} applies with --layer: a timm model's default features (its pre-logits) "
+                             "are pooled by the model itself")
+        pool = HEAD_POOL
     precision = resolve_precision(args.precision, device_kind)
     graph = getattr(args, "graph", "auto")
     check_graph(graph, precision)
-    return ModelSpec(name=args.model, weights=weights, layer=args.layer, pool=args.pool,
+    return ModelSpec(name=args.model, weights=weights, layer=args.layer, pool=pool,
                      normalize=not args.no_normalize, precision=precision, seed=args.seed, graph=graph)
 
 
@@ -100,6 +111,8 @@ def fingerprint_fields(spec: ModelSpec, layer: str, prep: Preprocess, dtype: str
     fields = {"model": spec.name, "weights": weights_identity(spec), "layer": layer, "pool": spec.pool,
               "normalize": spec.normalize, "precision": spec.precision, "dtype": dtype,
               "preprocess": prep.vector_fields(), "input_sha256": sha, "featshard_version": __version__}
+    if is_timm(spec.name):
+        fields["timm"] = timm_fields(spec.name)
     return json.loads(json.dumps(fields))
 
 
