@@ -21,7 +21,7 @@ from featshard.store.manifest import load_manifest
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="DIR", help="a run directory with a merged index")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="query image (repeatable)")
-    p.add_argument("--input", default=None, help="list/CSV/directory of query images")
+    p.add_argument("--input", default=None, help="list/CSV/parquet/directory/tars of query images")
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--batch-size", type=int, default=32, help="queries per model batch")
     p.add_argument("--loader-workers", type=int, default=1, help="decode processes")

@@ -79,10 +79,12 @@ class Outcome:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="list file, CSV/TSV with a 'path' column, or a directory")
+    p.add_argument("--input", required=True, help="list file, CSV/TSV/parquet with a 'path' column, a directory, "
+                   "or WebDataset tars (a .tar, a folder of *.tar, 'shards/{00000..00099}.tar')")
     p.add_argument("--out", required=True, help="run directory (created; an existing run is resumed)")
     p.add_argument("--gpus", default=None, help="0-7 | 0,2,5 | all | cpu | cpu:N (default: all GPUs, else cpu)")
-    p.add_argument("--model", default="resnet50", help="torchvision.models.get_model name (default resnet50)")
+    p.add_argument("--model", default="resnet50", help="torchvision.models.get_model name (default resnet50), or "
+                   "timm:NAME (timm's architecture[.pretrained_tag])")
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT | none | PATH to a state_dict or checkpoint")
     p.add_argument("--layer", default=None, help="graph node to read (default: input of the classifier)")
     p.add_argument("--pool", default="avg", help="avg | max | gem, for spatial maps (default avg)")

@@ -32,7 +32,7 @@ RUN_PREFIX = "run__"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slurm options")
-    g.add_argument("--input", required=True, help="list file, CSV/TSV or directory (as for `run`)")
+    g.add_argument("--input", required=True, help="list file, CSV/TSV/parquet, directory or tars (as for `run`)")
     g.add_argument("--out", required=True, help="run directory on a filesystem every node sees")
     g.add_argument("--nodes", type=int, required=True, help="array tasks (one node's share of the shards each)")
     g.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per task (--gres=gpu:G); 0 = CPU only")
