@@ -320,13 +320,15 @@ def test_image_failure_is_picklable_and_prints_its_reason() -> None:
                        "not_image", "truncated", "corrupt", "too_large", "timeout", "error")
 
 
-def test_tar_members_decode_like_files_and_fail_with_reasons(tmp_path: Path) -> None:
+def test_tar_members_decode_like_files_and_fail_with_reasons(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An image inside a tar (read by offset) decodes exactly as the same file; damaged members get reasons."""
     import io
     import tarfile
 
     from featshard.store.inputs import iter_items, open_input
 
+    monkeypatch.setenv("FEATSHARD_CACHE_DIR", str(tmp_path / "cache"))
     good = tmp_path / "good.jpg"
     Image.fromarray(photo(300, 200, 3)).save(good, quality=90)
     members = {"good.jpg": good.read_bytes(), "text.jpg": b"this is not an image at all",

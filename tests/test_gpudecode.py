@@ -129,12 +129,14 @@ def test_nvjpeg_matches_cpu_geometry(tmp_path: Path) -> None:
         assert np.abs(got - exact(path)).mean() < 2.0
 
 
-def test_tar_members_take_the_device_path_and_fail_alone(tmp_path: Path) -> None:
+def test_tar_members_take_the_device_path_and_fail_alone(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """WebDataset members: a JPEG member is handed over as bytes read by offset, a damaged one fails alone."""
     import tarfile
 
     from featshard.store.inputs import iter_items, open_input
 
+    monkeypatch.setenv("FEATSHARD_CACHE_DIR", str(tmp_path / "cache"))
     paths = [jpeg(tmp_path / "a.jpg", 1, (320, 240)), bad_huffman_jpeg(tmp_path / "b.jpg")]
     with tarfile.open(tmp_path / "s.tar", "w") as tf:
         for path in paths:
