@@ -8,8 +8,8 @@ ecosystem reads (no peer reads HDF5).
   (fixed_size_list of float32 or float16, length D); embedding-reader's `parquet` format reads the folder.
 
 `export.json` records the run, model, fingerprint, dim, dtype and files. Only stored vectors are exported (failed
-rows have none); a shard without vectors writes no files. Shard by shard, in slices of at most EXPORT_BATCH rows
-(memory: one slice), each file written to a temporary name, fsynced and renamed. A run with a missing, incomplete or
+rows have none); a shard without vectors writes no files. Shard by shard, in slices of ~16 MB of vectors (memory:
+one slice), each file written to a temporary name, fsynced and renamed. A run with a missing, incomplete or
 foreign shard is refused (`featshard.index.vectors.check_source`), and so is an `--out` holding a previous export,
 unless `--overwrite`.
 """
@@ -31,7 +31,8 @@ from featshard.store.shards import atomic_replace
 
 log = logging.getLogger("featshard.tools.export")
 FORMATS = ("clip-retrieval", "parquet")
-EXPORT_BATCH = 65536
+EXPORT_BATCH = 65536  # rows per slice at most
+EXPORT_BYTES = 16 << 20  # and about this many bytes of vectors (measured: RSS grows ~2.5x the slice's bytes)
 _PATTERNS = ("img_emb/img_emb_*.npy", "metadata/metadata_*.parquet", "embeddings_*.parquet", "export.json")
 
 
@@ -105,10 +106,10 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _slices(ref: ShardRef, dim: int) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
-    """(rows, names, features) of one shard, at most EXPORT_BATCH (and ~64 MB) rows at a time."""
+    """(rows, names, features) of one shard, a slice of at most EXPORT_BATCH rows and ~EXPORT_BYTES at a time."""
     import h5py
 
-    step = min(EXPORT_BATCH, read_rows(ref.path, batch_rows_for(dim)))
+    step = max(1, min(EXPORT_BATCH, EXPORT_BYTES // (4 * max(1, dim)), read_rows(ref.path, batch_rows_for(dim))))
     with h5py.File(ref.path, "r") as h5:
         n = int(h5["rows"].shape[0])
         for lo in range(0, n, step):
@@ -125,7 +126,7 @@ def _clip_retrieval(ref: ShardRef, i: int, dest: Path, dtype: str) -> list[str]:
         with open(npy_tmp, "wb") as fh:
             _npy_header(fh, ref, dtype)
             for rows, names, feats in _slices(ref, _dim(ref)):
-                fh.write(np.ascontiguousarray(feats, dtype=dtype).tobytes())
+                np.ascontiguousarray(feats, dtype=dtype).tofile(fh)
                 writer.write(pa.record_batch([pa.array(names, pa.string()), pa.array(rows, pa.int64())],
                                              schema=schema))
     return [npy, meta]
@@ -184,7 +185,7 @@ class _ParquetOut:
     def __init__(self, path: str, schema: Any) -> None:
         import pyarrow.parquet as pq
 
-        self.writer = pq.ParquetWriter(path, schema)
+        self.writer = pq.ParquetWriter(path, schema, use_dictionary=False)  # unique names, float vectors
 
     def __enter__(self) -> Any:
         return self.writer
