@@ -112,3 +112,17 @@ def test_tar_member_is_picklable_and_cheap() -> None:
     assert pickle.loads(pickle.dumps(member)) == member
     assert len(pickle.dumps(member)) < 200
     assert os.path.basename(member.tar) == "00000.tar"
+
+
+def test_item_for_row_and_its_bytes_for_files_and_members(tmp_path: Path) -> None:
+    """What `serve` needs: the item of a row and its image bytes, for a tar member as for a file."""
+    from featshard.store.inputs import item_for_row
+
+    make_tars(tmp_path / "shards", [2, 3])
+    src = open_input(tmp_path / "shards")
+    item = item_for_row(src, 3)
+    assert item is not None and item.name == member_names([2, 3])[3] and item_for_row(src, 5) is None
+    assert read_item_bytes(item) == read_item_bytes(item.path) and read_item_bytes(item)[:2] == b"\xff\xd8"
+    (tmp_path / "list.txt").write_text("a.bin\n")
+    (tmp_path / "a.bin").write_bytes(b"plain file")
+    assert read_item_bytes(item_for_row(open_input(tmp_path / "list.txt"), 0)) == b"plain file"

@@ -112,9 +112,16 @@ def scan_input(source: InputSource) -> tuple[int, str]:
     return count, digest.hexdigest()
 
 
-def read_item_bytes(path: str | TarMember) -> bytes:
-    """The bytes of an input image (`Item.path`): a file, or a member read from its tar by offset. Raises OSError
-    (FileNotFoundError, PermissionError, `webdataset.MemberTruncated`, ...) when it cannot be read."""
+def item_for_row(source: InputSource, row: int) -> Item | None:
+    """The input item of one row (None past the end): tars skip to it by their sample counts, other kinds stream
+    the list up to it."""
+    return next(iter_items(source, row, row + 1), None)
+
+
+def read_item_bytes(item: Item | str | TarMember) -> bytes:
+    """The bytes of an input image (an Item, or its `path`): a file, or a member read from its tar by offset.
+    Raises OSError (FileNotFoundError, PermissionError, `webdataset.MemberTruncated`, ...) when it cannot be read."""
+    path = item.path if isinstance(item, Item) else item
     if isinstance(path, TarMember):
         return read_member(path)
     with open(path, "rb") as fh:
