@@ -132,6 +132,7 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": "http://127.0.0.1:9", **env})
 
 
+@pytest.mark.slow
 def test_default_weights_offline_fail_at_once_naming_the_tag(tmp_path: Path) -> None:
     proc = _python("from featshard.extract.models import ModelSpec, build_model\n"
                    "build_model(ModelSpec('timm:resnet18', 'DEFAULT'))", {"HF_HUB_CACHE": str(tmp_path / "hub")})
@@ -140,6 +141,7 @@ def test_default_weights_offline_fail_at_once_naming_the_tag(tmp_path: Path) -> 
         in proc.stderr and "--weights PATH" in proc.stderr
 
 
+@pytest.mark.slow
 def test_default_weights_load_from_the_local_hugging_face_cache(tmp_path: Path) -> None:
     """DEFAULT = timm's pretrained file for the tag, found in the hub cache without any network."""
     torch.manual_seed(11)
