@@ -9,7 +9,8 @@ import numpy as np
 
 from featshard.store.manifest import write_manifest
 from featshard.store.plan import shard_name, split_rows
-from featshard.store.shards import Block, shard_path, shards_dir, write_block
+from featshard.store.shards import Block, write_block
+from featshard.store.rundir import RunDir
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 50, spread: float = 0.15) -> np.ndarray:
@@ -38,7 +39,7 @@ def make_run(run_dir: str | os.PathLike[str], vectors: np.ndarray, n_shards: int
     Returns the manifest (also written to run_dir/manifest.json).
     """
     run = Path(run_dir)
-    shards_dir(run).mkdir(parents=True, exist_ok=True)
+    RunDir(run).shards.mkdir(parents=True, exist_ok=True)
     vectors = np.asarray(vectors, np.float32)
     n, dim = vectors.shape
     names = list(names) if names is not None else default_names(n)
@@ -52,7 +53,7 @@ def make_run(run_dir: str | os.PathLike[str], vectors: np.ndarray, n_shards: int
                       np.asarray(bad, np.int64), [names[r] for r in bad], ["missing: no such file"] * len(bad))
         attrs = {"fingerprint": fingerprint, "dim": dim, "shard_index": i, "shard_count": n_shards,
                  "start": lo, "stop": hi, "model": "synthetic", "dtype": dtype}
-        write_block(shard_path(run, shard_name(i, n_shards)), block, attrs, dim, dtype)
+        write_block(RunDir(run).shard(shard_name(i, n_shards)), block, attrs, dim, dtype)
         plan.append({"index": i, "count": n_shards, "start": lo, "stop": hi, "node": 0, "device": "cpu"})
     manifest = {
         "featshard_version": "test", "rows": n, "fingerprint": fingerprint, "fingerprint_fields": fields,

@@ -15,6 +15,7 @@ from runfactory import make_run, normalize
 
 from featshard import cli
 from featshard.index import dedup
+from featshard.system import sha256_file
 from featshard.index import merge
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower
@@ -43,23 +44,23 @@ def test_planted_near_duplicates_are_found_and_nothing_else(tmp_path, spec, metr
     make_run(tmp_path / "run", planted_vectors(), 3, "fp")
     merge.build(tmp_path / "run", spec, metric=metric, target_recall=0.99)
     result = dedup.dedup(tmp_path / "run")
-    assert sorted(g["members"][0]["id"] for g in result["near"]) == [g[0] for g in expected_groups()]
-    assert sorted([m["id"] for m in g["members"]] for g in result["near"]) == expected_groups()
-    group = next(g for g in result["near"] if g["members"][0]["id"] == 777)
+    assert sorted(g["members"][0]["id"] for g in result.near) == [g[0] for g in expected_groups()]
+    assert sorted([m["id"] for m in g["members"]] for g in result.near) == expected_groups()
+    group = next(g for g in result.near if g["members"][0]["id"] == 777)
     assert [m["name"] for m in group["members"]] == ["img00777.jpg", "img01003.jpg", "img01004.jpg", "img01005.jpg"]
     if metric == "ip":
         assert group["score_min"] >= 0.9 and group["score_max"] <= 1.0001
     else:
         assert group["score_max"] <= 0.2
-    assert result["threshold"] == dedup.DEFAULT_THRESHOLD[metric]
+    assert result.threshold == dedup.DEFAULT_THRESHOLD[metric]
 
 
 def test_no_false_groups_among_distinct_vectors(tmp_path):
     rng = np.random.default_rng(7)
     make_run(tmp_path / "run", normalize(rng.standard_normal((3000, 64))), 2, "fp")
     merge.build(tmp_path / "run")
-    assert dedup.dedup(tmp_path / "run")["near"] == []
-    assert len(dedup.dedup(tmp_path / "run", threshold=-1.0, k=2)["near"]) == 1  # everything joins: logic is live
+    assert dedup.dedup(tmp_path / "run").near == []
+    assert len(dedup.dedup(tmp_path / "run", threshold=-1.0, k=2).near) == 1  # everything joins: logic is live
 
 
 def test_exact_groups_identical_files_only(tmp_path):
@@ -77,9 +78,9 @@ def test_exact_groups_identical_files_only(tmp_path):
              input_path=str(listing), failed_rows=[7])
     merge.build(tmp_path / "run")
     result = dedup.dedup(tmp_path / "run", exact=True)
-    groups = [[m["name"] for m in g["members"]] for g in result["exact"]]
+    groups = [[m["name"] for m in g["members"]] for g in result.exact]
     assert groups == [["files/f0.jpg", "files/f2.jpg", "files/f4.jpg"], ["files/f1.jpg", "files/f5.jpg"]]
-    assert result["exact"][0]["sha256"] == dedup.sha256_file(str(files / "f0.jpg"))
+    assert result.exact[0]["sha256"] == sha256_file(str(files / "f0.jpg"))
 
 
 def test_cli_outputs_json_csv_text_and_file(tmp_path, capsys):
@@ -129,8 +130,8 @@ def test_dedup_end_to_end_on_reencoded_and_resized_photos(tmp_path):
                      *FAST, "--weights", mobilenet_weights()]) == 0
     assert cli.main(["merge", run]) == 0
     result = dedup.dedup(run, exact=True)
-    near = sorted(sorted(m["name"] for m in g["members"]) for g in result["near"])
+    near = sorted(sorted(m["name"] for m in g["members"]) for g in result.near)
     rocket = ["photos/rocket.png", "photos/rocket_copy.png"]
     assert near == [["photos/astronaut.png", "photos/astronaut_half.jpg"],
                     ["photos/coffee.png", "photos/coffee_q50.jpg"], rocket]
-    assert [[m["name"] for m in g["members"]] for g in result["exact"]] == [rocket]
+    assert [[m["name"] for m in g["members"]] for g in result.exact] == [rocket]

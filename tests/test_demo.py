@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from featshard.index.search import Hit, QueryResult
 from featshard.tools import demo
 from featshard.errors import FeatshardError, UsageError
 
@@ -132,9 +133,8 @@ def test_out_folder_of_an_earlier_demo_is_reused(tmp_path: Path) -> None:
 def test_default_queries_and_table() -> None:
     lines = ["images/a.png", "images/a__crop.jpg", "images/b.jpg", "images/b__colour.jpg"]
     assert demo.default_queries(lines) == ["a__crop.jpg", "b__colour.jpg"]
-    table = demo.format_results([{"query": "x/a__crop.jpg", "results": [
-        {"name": "images/a__crop.jpg", "row": 1, "score": 1.0},
-        {"name": "images/a.png", "row": 0, "score": 0.8123}]}])
+    table = demo.format_results([QueryResult("x/a__crop.jpg", [Hit("images/a__crop.jpg", 1, 1.0, 1, "run"),
+                                                               Hit("images/a.png", 0, 0.8123, 0, "run")])])
     assert "query: a__crop.jpg" in table and "(the query itself)" in table
     assert "2. a.png" in table and "0.812" in table
 

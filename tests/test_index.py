@@ -10,6 +10,10 @@ from runfactory import clustered, make_run
 from featshard.index import reader as fx
 from featshard.index import merge
 from featshard.errors import FeatshardError
+from featshard.index.faissutil import is_exact
+from featshard.index.recall import exact_knn, recall_at, tunable
+from featshard.index.spec import make_index
+from featshard.index.vectors import check_source, gather, sample_positions, source_of
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower
 
@@ -46,31 +50,31 @@ def test_search_returns_row_ids_and_stored_ids_match_rows(run):
 
 def test_gather_returns_the_rows_at_global_positions_dense_and_sparse(run):
     run_dir, vectors = run
-    src = fx.check_source(fx.source_of(run_dir))
+    src = check_source(source_of(run_dir))
     assert src.counts == [399, 399, 399]
     stored = np.array(sorted(set(range(1200)) - {7, 400, 1199}))
-    for positions in (np.arange(0, 1197, 2), np.array([0, 398, 399, 1196]), fx.sample_positions(1197, 50, 1)):
-        ids, vecs = fx.gather([src], positions, batch_rows=100)
+    for positions in (np.arange(0, 1197, 2), np.array([0, 398, 399, 1196]), sample_positions(1197, 50, 1)):
+        ids, vecs = gather([src], positions, batch_rows=100)
         assert ids.tolist() == stored[positions].tolist()
         assert np.array_equal(vecs, vectors[stored[positions]])
 
 
 def test_sample_positions_span_every_shard(run):
     run_dir, _ = run
-    src = fx.check_source(fx.source_of(run_dir))
-    ids, _ = fx.gather([src], fx.sample_positions(1197, 60, seed=0), batch_rows=256)
+    src = check_source(source_of(run_dir))
+    ids, _ = gather([src], sample_positions(1197, 60, seed=0), batch_rows=256)
     assert len(set(ids.tolist())) == 60
     assert {int(i) // 400 for i in ids} == {0, 1, 2}
-    assert not np.array_equal(fx.sample_positions(1197, 60, 0), fx.sample_positions(1197, 60, 1))
+    assert not np.array_equal(sample_positions(1197, 60, 0), sample_positions(1197, 60, 1))
 
 
 def test_exact_knn_streams_to_the_brute_force_answer(run):
     run_dir, vectors = run
-    src = fx.check_source(fx.source_of(run_dir))
+    src = check_source(source_of(run_dir))
     stored = np.array(sorted(set(range(1200)) - {7, 400, 1199}))
     queries = vectors[[5, 600, 1000]]
     for metric in ("ip", "l2"):
-        truth = fx.exact_knn(queries, [src], 10, metric)
+        truth = exact_knn(queries, [src], 10, metric)
         if metric == "ip":
             ref = np.argsort(-(queries @ vectors[stored].T), axis=1)[:, :10]
         else:
@@ -81,16 +85,16 @@ def test_exact_knn_streams_to_the_brute_force_answer(run):
 def test_recall_at_counts_overlap():
     truth = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
     found = np.array([[4, 3, 9, 8], [6, 5, 7, 1]])
-    assert fx.recall_at(found, truth) == pytest.approx((0.5 + 1.0) / 2)
+    assert recall_at(found, truth) == pytest.approx((0.5 + 1.0) / 2)
 
 
 def test_tunable_parameters_by_index_kind():
-    assert fx.tunable(faiss.index_factory(8, "IVF16,Flat")) == ("nprobe", [1, 2, 4, 8, 16])
-    assert fx.tunable(faiss.index_factory(8, "IVF12,Flat"))[1][-2:] == [8, 12]
-    assert fx.tunable(merge.make_index("HNSW8", 8, "ip"))[0] == "efSearch"
-    assert fx.tunable(merge.make_index("Flat", 8, "ip")) == (None, [])
-    assert fx.is_exact(merge.make_index("Flat", 8, "ip"))
-    assert not fx.is_exact(merge.make_index("PCA4,Flat", 8, "ip"))
+    assert tunable(faiss.index_factory(8, "IVF16,Flat")) == ("nprobe", [1, 2, 4, 8, 16])
+    assert tunable(faiss.index_factory(8, "IVF12,Flat"))[1][-2:] == [8, 12]
+    assert tunable(make_index("HNSW8", 8, "ip"))[0] == "efSearch"
+    assert tunable(make_index("Flat", 8, "ip")) == (None, [])
+    assert is_exact(make_index("Flat", 8, "ip"))
+    assert not is_exact(make_index("PCA4,Flat", 8, "ip"))
 
 
 def test_load_index_without_index_or_with_a_stale_json_is_refused(run):

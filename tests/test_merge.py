@@ -14,7 +14,10 @@ from featshard.index import merge
 from featshard.index import reader as fx
 from featshard.errors import FeatshardError, UsageError
 from featshard.store.plan import shard_name
-from featshard.store.shards import shard_path
+from featshard.index.faissutil import apply_params
+from featshard.index.recall import recall_at
+from featshard.index.spec import auto_spec, choose_train_size, make_index, nlist_for, parse_size, train_bounds
+from featshard.store.rundir import RunDir
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower
 
@@ -70,7 +73,7 @@ def test_ivf_on_a_cross_shard_sample_reaches_the_target_recall(run):
     loaded = fx.load_index(run_dir)  # independent check with fresh queries and brute force
     queries = vectors[stored()][::10]
     truth = stored()[np.argsort(-(queries @ vectors[stored()].T), axis=1)[:, :10]]
-    assert fx.recall_at(loaded.search(queries, 10)[1], truth) >= 0.93
+    assert recall_at(loaded.search(queries, 10)[1], truth) >= 0.93
 
 
 def test_on_disk_merge_answers_like_the_in_ram_ivf(run):
@@ -86,8 +89,8 @@ def test_on_disk_merge_answers_like_the_in_ram_ivf(run):
     assert disk_meta["search_params"] == ram_meta["search_params"] and disk.ntotal == 1997
     queries = clustered(40, 32, seed=5, clusters=30, spread=1.0)
     for nprobe in (1, 4, 32):
-        fx.apply_params(ram, {"nprobe": nprobe})
-        fx.apply_params(disk.index, {"nprobe": nprobe})
+        apply_params(ram, {"nprobe": nprobe})
+        apply_params(disk.index, {"nprobe": nprobe})
         (ds, di), (rs, ri) = disk.index.search(queries, 10), ram.search(queries, 10)
         assert np.array_equal(di, ri) and np.allclose(ds, rs, atol=1e-5)
     assert sorted(fx.stored_ids(disk.index).tolist()) == stored().tolist()
@@ -112,7 +115,7 @@ def _set_attr(path, key, value):
 ])
 def test_bad_shards_are_refused_naming_the_shard(run, damage, message):
     run_dir, _ = run
-    path = shard_path(run_dir, shard_name(2, 4))
+    path = RunDir(run_dir).shard(shard_name(2, 4))
     if damage == "incomplete":
         _set_attr(path, "complete", False)
     elif damage == "fingerprint":
@@ -136,16 +139,16 @@ def test_bad_shards_are_refused_naming_the_shard(run, damage, message):
     (50_000, 2048, 100 << 20, "OPQ64_256,IVF1024,PQ64"),
 ])
 def test_auto_spec_follows_the_documented_rule(n, dim, memory, expected):
-    spec, reason = merge.auto_spec(n, dim, memory)
+    spec, reason = auto_spec(n, dim, memory)
     assert spec == expected and reason
     faiss.index_factory(dim, spec)  # a valid factory string
 
 
 def test_auto_spec_errors_and_on_disk():
     with pytest.raises(UsageError, match="do not fit"):
-        merge.auto_spec(10**9, 256, 1 << 30)
-    assert merge.auto_spec(50_000, 64, 8 << 30, on_disk=True)[0].startswith("IVF")
-    assert merge.nlist_for(10) == 1 and merge.nlist_for(1_000_000) == 4096
+        auto_spec(10**9, 256, 1 << 30)
+    assert auto_spec(50_000, 64, 8 << 30, on_disk=True)[0].startswith("IVF")
+    assert nlist_for(10) == 1 and nlist_for(1_000_000) == 4096
 
 
 def test_auto_through_merge_records_the_reason(run):
@@ -175,14 +178,14 @@ def test_too_few_vectors_for_the_lists_and_on_disk_flat_are_refused(run):
 
 
 def test_train_size_defaults_from_the_spec():
-    ivf = merge.make_index("IVF64,Flat", 32, "ip")
-    assert merge.train_bounds(ivf) == (64, 39 * 64)
-    assert merge.choose_train_size(ivf, "IVF64,Flat", None, 10**6) == 10_000
-    assert merge.choose_train_size(ivf, "IVF64,Flat", None, 5000) == 5000
-    big = merge.make_index("IVF1024,PQ8", 32, "ip")
-    assert merge.train_bounds(big) == (1024, 39 * 1024)
-    assert merge.choose_train_size(big, "IVF1024,PQ8", None, 10**6) == 39 * 1024
-    assert merge.train_bounds(merge.make_index("PQ8", 32, "ip")) == (256, 39 * 256)
+    ivf = make_index("IVF64,Flat", 32, "ip")
+    assert train_bounds(ivf) == (64, 39 * 64)
+    assert choose_train_size(ivf, "IVF64,Flat", None, 10**6) == 10_000
+    assert choose_train_size(ivf, "IVF64,Flat", None, 5000) == 5000
+    big = make_index("IVF1024,PQ8", 32, "ip")
+    assert train_bounds(big) == (1024, 39 * 1024)
+    assert choose_train_size(big, "IVF1024,PQ8", None, 10**6) == 39 * 1024
+    assert train_bounds(make_index("PQ8", 32, "ip")) == (256, 39 * 256)
 
 
 def test_gpu_decision_and_sizes():
@@ -190,17 +193,17 @@ def test_gpu_decision_and_sizes():
     assert merge.use_gpu(False, 2) is False and merge.use_gpu(True, 1) is True
     with pytest.raises(UsageError, match="no GPU"):
         merge.use_gpu(True, 0)
-    assert merge.parse_size("4G") == 4 << 30 and merge.parse_size("512MiB") == 512 << 20
-    assert merge.parse_size("1000") == 1000 and merge.parse_size("1.5k") == 1536
+    assert parse_size("4G") == 4 << 30 and parse_size("512MiB") == 512 << 20
+    assert parse_size("1000") == 1000 and parse_size("1.5k") == 1536
     with pytest.raises(UsageError):
-        merge.parse_size("lots")
+        parse_size("lots")
 
 
 def test_ids_wrap_only_where_needed():
-    assert isinstance(merge.make_index("Flat", 8, "ip"), faiss.IndexIDMap2)
-    assert isinstance(merge.make_index("HNSW8", 8, "l2"), faiss.IndexIDMap2)
-    assert faiss.try_extract_index_ivf(merge.make_index("IVF4,Flat", 8, "ip")) is not None
-    assert not isinstance(merge.make_index("IVF4,Flat", 8, "ip"), faiss.IndexIDMap2)
+    assert isinstance(make_index("Flat", 8, "ip"), faiss.IndexIDMap2)
+    assert isinstance(make_index("HNSW8", 8, "l2"), faiss.IndexIDMap2)
+    assert faiss.try_extract_index_ivf(make_index("IVF4,Flat", 8, "ip")) is not None
+    assert not isinstance(make_index("IVF4,Flat", 8, "ip"), faiss.IndexIDMap2)
 
 
 def test_cli_merge_with_l2_and_hnsw(run):

@@ -21,6 +21,7 @@ from helpers import FAST, REPO, cli, make_images, read_all, write_list
 
 from featshard.store import shards
 from featshard.cli import main
+from featshard.store.rundir import RunDir
 
 CHUNK = 2
 ROWS = 24  # 2 shards of 12 rows, 6 chunks each
@@ -78,10 +79,10 @@ def durable(out: Path, per_shard: int = ROWS // 2) -> dict[str, int]:
     result = {}
     for i in range(2):
         name = f"shard-{i:05d}-of-00002"
-        if shards.is_complete(shards.shard_path(out, name)):
+        if shards.is_complete(RunDir(out).shard(name)):
             result[name] = per_shard
             continue
-        parts = shards.parts_dir(out, name)
+        parts = RunDir(out).parts(name)
         files = [p for p in parts.glob("chunk-*.h5")] if parts.is_dir() else []
         result[name] = sum(int(p.stem.split("-")[2]) - int(p.stem.split("-")[1]) for p in files)
     return result
@@ -206,10 +207,10 @@ def _alive(pid: int) -> bool:
 def split_into_chunks(run: Path, name: str, fail_rows: set[int] = frozenset()) -> None:
     """Turn a finished shard back into the chunk files a worker writes (as if killed before finalize);
     rows in fail_rows are recorded as failed instead."""
-    path = shards.shard_path(run, name)
+    path = RunDir(run).shard(name)
     block, attrs = shards.read_block(path), shards.read_attrs(path)
     lo, hi = int(attrs["start"]), int(attrs["stop"])
-    shards.parts_dir(run, name).mkdir(parents=True, exist_ok=True)
+    RunDir(run).parts(name).mkdir(parents=True, exist_ok=True)
     feat = {int(r): (n, f) for r, n, f in zip(block.rows, block.names, block.features)}
     failed = {int(r): (n, m) for r, n, m in zip(block.failed_rows, block.failed_names, block.failed_reasons)}
     for a in range(lo, hi, CHUNK):
@@ -222,7 +223,7 @@ def split_into_chunks(run: Path, name: str, fail_rows: set[int] = frozenset()) -
                              np.array(bad, np.int64), [names[r] for r in bad],
                              [failed[r][1] if r in failed else "missing: gone for a while" for r in bad])
         cattrs = {k: v for k, v in attrs.items() if k not in ("complete", "start", "stop", "shard_index")}
-        shards.write_block(shards.chunk_path(run, name, a, rng.stop), chunk, {**cattrs, "chunk_start": a,
+        shards.write_block(RunDir(run).chunk(name, a, rng.stop), chunk, {**cattrs, "chunk_start": a,
                            "chunk_stop": rng.stop}, attrs["dim"], "float32")
 
 
@@ -234,11 +235,11 @@ def test_kill_mid_finalize_leaves_a_state_that_resumes(reference: tuple[Path, Pa
     shutil.copytree(ref, out)
     s0, s1 = "shard-00000-of-00002", "shard-00001-of-00002"
     split_into_chunks(out, s0)
-    data = shards.shard_path(out, s0).read_bytes()
-    shards.shard_path(out, s0).unlink()
+    data = RunDir(out).shard(s0).read_bytes()
+    RunDir(out).shard(s0).unlink()
     (out / "shards" / f"{s0}.h5.tmp-999999").write_bytes(data[: len(data) // 2])
     split_into_chunks(out, s1)
-    (shards.parts_dir(out, s1) / "chunk-000000000012-000000000014.h5.tmp-999998").write_bytes(b"torn")
+    (RunDir(out).parts(s1) / "chunk-000000000012-000000000014.h5.tmp-999998").write_bytes(b"torn")
     (out / "shards" / f"{s1}.progress.json.tmp-999997").write_text("{")
     (out / "locks").mkdir(exist_ok=True)
     for torn in ("manifest.json.tmp-999996", "summary.json.tmp-999995", "locks/node-0000.lock.tmp-999994"):
@@ -259,8 +260,8 @@ def test_retry_failed_on_chunks_and_finished_shards(reference: tuple[Path, Path]
     out = tmp_path / "run"
     shutil.copytree(ref, out)
     split_into_chunks(out, "shard-00000-of-00002", fail_rows={1, 4, 5})
-    shards.shard_path(out, "shard-00000-of-00002").unlink()
-    one = shards.shard_path(out, "shard-00001-of-00002")
+    RunDir(out).shard("shard-00000-of-00002").unlink()
+    one = RunDir(out).shard("shard-00001-of-00002")
     block, attrs = shards.read_block(one), shards.read_attrs(one)
     keep = block.rows != 13
     shards.write_block(one, shards.Block(block.rows[keep], [n for n, k in zip(block.names, keep) if k],

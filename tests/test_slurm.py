@@ -238,7 +238,8 @@ def submit(extra: dict[str, str], listing: Path, out: Path, *more: str) -> dict[
 
 def index_contents(run: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of a run's flat index, sorted by id."""
-    from featshard.index.reader import load_index, stored_ids, unwrap
+    from featshard.index.faissutil import unwrap
+    from featshard.index.reader import load_index, stored_ids
 
     index = load_index(run).index
     ids = stored_ids(index)

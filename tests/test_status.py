@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from featshard.store.manifest import write_json_atomic, write_manifest
+from featshard.store.atomic import write_json_atomic
+from featshard.store.manifest import write_manifest
 from featshard.store.plan import plan_shards
-from featshard.store.progress import progress_path
-from featshard.store.shards import Block, chunk_path, parts_dir, shard_path, write_block
+from featshard.store.shards import Block, write_block
 from featshard.runner.status import collect
+from featshard.store.rundir import RunDir
 from helpers import cli
 
 DIM = 8
@@ -33,7 +34,7 @@ def progress(run: Path, name: str, **fields: Any) -> None:
     base = {"shard": name, "pid": os.getpid(), "host": HOST, "device": "cpu:0", "state": "running",
             "rows_total": 10, "rows_done": 0, "ok": 0, "failed": 0, "images_per_s": 0.0, "started": time.time(),
             "updated": time.time(), "error": None}
-    write_json_atomic(progress_path(run, name), {**base, **fields})
+    write_json_atomic(RunDir(run).progress(name), {**base, **fields})
 
 
 def dead_pid() -> int:
@@ -51,12 +52,12 @@ def run(tmp_path: Path) -> Path:
     write_manifest(run, {"rows": 60, "fingerprint": "f00d", "plan": [s.to_dict() for s in plan]})
     names = [s.name for s in plan]
     # 0: finished (9 ok + 1 failed); its progress file is stale and must lose against the shard file
-    write_block(shard_path(run, names[0]), block(0, 10, failed=(3,)), {"fingerprint": "f00d"}, DIM, "float32")
+    write_block(RunDir(run).shard(names[0]), block(0, 10, failed=(3,)), {"fingerprint": "f00d"}, DIM, "float32")
     progress(run, names[0], rows_done=2, ok=2, updated=time.time() - 3600, images_per_s=5.0)
     # 1: running now, by this process, two chunks of 2 rows durable
-    parts_dir(run, names[1]).mkdir()
+    RunDir(run).parts(names[1]).mkdir()
     for lo in (10, 12):
-        write_block(chunk_path(run, names[1], lo, lo + 2), block(lo, lo + 2), {}, DIM, "float32")
+        write_block(RunDir(run).chunk(names[1], lo, lo + 2), block(lo, lo + 2), {}, DIM, "float32")
     progress(run, names[1], rows_done=5, ok=5, images_per_s=2.5)
     # 2: running, but no update for 10 minutes
     progress(run, names[2], rows_done=3, ok=3, images_per_s=1.0, updated=time.time() - 600)
@@ -95,9 +96,9 @@ def test_stale_after_and_other_hosts(run: Path) -> None:
 
 
 def test_finished_shard_without_progress_and_torn_file(run: Path) -> None:
-    progress_path(run, "shard-00000-of-00006").unlink()
+    RunDir(run).progress("shard-00000-of-00006").unlink()
     assert collect(str(run))["shards"][0]["state"] == "complete"
-    shard_path(run, "shard-00004-of-00006").write_bytes(b"not hdf5")  # never counted as finished
+    RunDir(run).shard("shard-00004-of-00006").write_bytes(b"not hdf5")  # never counted as finished
     assert collect(str(run))["shards"][4]["state"] == "pending"
 
 

@@ -3,7 +3,6 @@ safetensors/.pth file, DEFAULT from the local Hugging Face cache, offline error)
 fingerprint fields. Offline: random init and files the tests save."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from featshard.extract.decode import load_image
 from featshard.extract.extractor import Extractor
 from featshard.extract.models import ModelSpec, build_model, preprocess_for, weights_identity
 from featshard.extract.timmmodels import check_timm_name
+from featshard.runner.config import RunConfig
 from featshard.runner.prepare import fingerprint_fields, model_spec
 from helpers import REPO, photo
 
@@ -107,18 +107,17 @@ def test_layer_picks_an_fx_node_and_pools_it() -> None:
         Extractor(ModelSpec(VIT, "none", layer="blocks.99"), prep, "cpu")
 
 
-def _args(**kw: object) -> argparse.Namespace:
-    base = dict(model=VIT, weights="none", layer=None, pool="avg", no_normalize=False, precision="fp32", seed=0,
-                graph="auto")
-    return argparse.Namespace(**{**base, **kw})
+def _config(**kw: object) -> RunConfig:
+    return RunConfig(**{"input": "list.txt", "out": "run", "model": VIT, "weights": "none", "precision": "fp32",
+                        **kw})  # type: ignore[arg-type]
 
 
 def test_pool_applies_only_with_a_layer_and_the_fingerprint_records_timm() -> None:
-    spec = model_spec(_args(), "cpu")
+    spec = model_spec(_config(), "cpu")
     assert spec.pool == "model"
     with pytest.raises(UsageError, match="--pool max applies with --layer"):
-        model_spec(_args(pool="max"), "cpu")
-    assert model_spec(_args(layer="norm.layer_norm", pool="max"), "cpu").pool == "max"
+        model_spec(_config(pool="max"), "cpu")
+    assert model_spec(_config(layer="norm.layer_norm", pool="max"), "cpu").pool == "max"
     fields = fingerprint_fields(spec, "pre_logits", preprocess_for(VIT), "float32", "sha")
     tag = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
     assert fields["timm"] == {"version": timm.__version__, "pretrained_tag": tag}

@@ -16,6 +16,7 @@ from test_resume import shared_reference
 from featshard.store import shards
 from featshard.cli import main
 from featshard.runner.verify import verify
+from featshard.store.rundir import RunDir
 
 S0, S1 = "shard-00000-of-00002", "shard-00001-of-00002"
 
@@ -57,7 +58,7 @@ def test_clean_run_and_index_pass(indexed: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_deleted_shard(run: Path) -> None:
-    shards.shard_path(run, S1).unlink()
+    RunDir(run).shard(S1).unlink()
     proc = cli("verify", str(run))
     assert proc.returncode == 1 and "FAILED" in proc.stdout
     found = problems(run)
@@ -68,7 +69,7 @@ def test_deleted_shard(run: Path) -> None:
 
 
 def rewrite(run: Path, name: str, change: Callable[[shards.Block], shards.Block], dim: int | None = None) -> None:
-    path = shards.shard_path(run, name)
+    path = RunDir(run).shard(name)
     block, attrs = shards.read_block(path), shards.read_attrs(path)
     block = change(block)
     dim = dim or int(attrs["dim"])
@@ -76,7 +77,7 @@ def rewrite(run: Path, name: str, change: Callable[[shards.Block], shards.Block]
 
 
 def test_duplicated_row(run: Path) -> None:
-    first = shards.read_block(shards.shard_path(run, S0))
+    first = shards.read_block(RunDir(run).shard(S0))
 
     def add_row_3(b: shards.Block) -> shards.Block:
         return shards.Block(np.r_[3, b.rows], [first.names[3], *b.names], np.vstack([first.features[3], b.features]),
@@ -90,7 +91,7 @@ def test_duplicated_row(run: Path) -> None:
 
 
 def test_nan_and_zero_vectors(run: Path) -> None:
-    with h5py.File(shards.shard_path(run, S0), "r+") as h5:
+    with h5py.File(RunDir(run).shard(S0), "r+") as h5:
         rows = h5["rows"][...].tolist()
         h5["features"][rows.index(5)] = np.nan
         h5["features"][rows.index(7)] = 0.0
@@ -110,7 +111,7 @@ def test_wrong_dim(run: Path) -> None:
 
 
 def test_wrong_names_and_fingerprint(run: Path) -> None:
-    with h5py.File(shards.shard_path(run, S1), "r+") as h5:
+    with h5py.File(RunDir(run).shard(S1), "r+") as h5:
         h5["names"][2] = "someone-else.jpg"
         h5.attrs["fingerprint"] = "0123456789abcdef"
     found = problems(run)

@@ -14,6 +14,7 @@ from helpers import cli
 from test_resume import ROWS, assert_same_output, durable, run_args, shared_reference, summary
 
 from featshard.store import shards
+from featshard.store.rundir import RunDir
 
 SHARDS = ("shard-00000-of-00002", "shard-00001-of-00002")
 
@@ -24,7 +25,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def no_shard_complete(out: Path) -> bool:
-    return not any(shards.is_complete(shards.shard_path(out, name)) for name in SHARDS)
+    return not any(shards.is_complete(RunDir(out).shard(name)) for name in SHARDS)
 
 
 def limit_file_size(limit: int) -> None:

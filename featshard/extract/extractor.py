@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any
+import time
+from dataclasses import replace
+from typing import Any, Iterable
 
 import numpy as np
 
-from featshard.errors import UsageError
+from featshard.errors import FeatshardError, UsageError
+from featshard.extract.loader import Batch, decodes_on_device, make_loader
 from featshard.extract.models import ModelSpec, build_model, last_linear
 from featshard.extract.preprocess import Preprocess
 from featshard.extract.timmmodels import is_timm, timm_feature_net
+from featshard.store.inputs import Item
 
 log = logging.getLogger("featshard.extract.extractor")
 _warned_gpu_decode = False
@@ -91,15 +95,45 @@ def pool_features(x: Any, pool: str, gem_p: float = 3.0) -> Any:
     raise UsageError(f"unknown --pool {pool!r}")
 
 
+def probe(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
+    """(layer, dim) of the model the workers will build, checked before any worker starts: a bad name, layer or
+    weights file fails here. Built on the `meta` device (nothing allocated, nothing computed) where the model allows
+    it; on the CPU otherwise (a few models compute their shapes from real tensors while being built)."""
+    import torch
+
+    try:
+        model = build_model(spec, device="meta")
+    except FeatshardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - model construction that needs real tensors: probe on the CPU
+        log.debug("probing %s on the CPU (meta: %s)", spec.name, exc)
+        return _probe_cpu(spec, prep)
+    try:
+        layer, net = feature_net(spec, model)
+        out = pool_features(net(torch.zeros((1, 3, prep.crop, prep.crop), device="meta"))["feat"], spec.pool)
+    except UsageError:  # an unknown --layer
+        raise
+    except Exception as exc:  # noqa: BLE001 - an operator without a meta kernel
+        log.debug("probing %s on the CPU (meta forward: %s)", spec.name, exc)
+        return _probe_cpu(spec, prep)
+    return layer, int(out.reshape(out.shape[0], -1).shape[1])
+
+
+def _probe_cpu(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
+    ext = Extractor(replace(spec, graph="eager"), prep, "cpu", compile=False)
+    return ext.layer, ext.dim
+
+
 class Extractor:
     """Built inside the worker (never pickled): model + layer + pooling on one device."""
 
     def __init__(self, spec: ModelSpec, prep: Preprocess, device: str, compile: bool | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, device_decode: bool | None = None) -> None:
         """The network runs as `spec.graph` says (featshard.extract.graph); `compile=True` (or env
-        FEATSHARD_COMPILE=1 when
-        `compile` is None) forces torch.compile, compiled here for batches of `batch_size` (default: the run's
-        default, 32 on CPU, 128 on GPU; smaller batches are padded)."""
+        FEATSHARD_COMPILE=1 when `compile` is None) forces torch.compile, compiled here for batches of `batch_size`
+        (default: the run's default, 32 on CPU, 128 on GPU; smaller batches are padded). `device_decode` (default:
+        `--decode gpu` on CUDA) decodes JPEGs with torchvision on `device`: forced on a CPU, the geometry of the GPU
+        path can be checked without a GPU."""
         import torch
 
         self.spec, self.prep, self.device = spec, prep, torch.device(device)
@@ -110,7 +144,7 @@ class Extractor:
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.dim = int(self(np.zeros((1, prep.crop, prep.crop, 3), np.uint8)).shape[1])
-        self.device_decode = prep.decode == "gpu" and self.device.type == "cuda"
+        self.device_decode = decodes_on_device(prep, str(self.device)) if device_decode is None else device_decode
         if prep.decode == "gpu" and not self.device_decode:
             _warn_gpu_decode_fallback(str(self.device))
         if compile is None:
@@ -194,6 +228,33 @@ class Extractor:
         if self.spec.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
         return feats
+
+    def features(self, batch: Batch, stages: dict[str, float] | None = None) -> np.ndarray:
+        """THE extraction step (worker, --retry-failed, search queries, serve, bench all come through here): the
+        decoded rows of a loader Batch -> float32 (N, dim) on the host. After the call N == len(batch.rows): a device
+        decode moves rows it cannot decode to the batch's failures. `stages` gets 'h2d' (copy and device decode) and
+        'model' seconds added."""
+        import torch
+
+        if not len(batch.rows):
+            return np.zeros((0, self.dim), np.float32)
+        t = time.monotonic()
+        x = self.batch_to_device(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t2 = time.monotonic()
+        with torch.inference_mode():
+            feats = self.forward_device(x).cpu().numpy()
+        if stages is not None:
+            stages["h2d"] = stages.get("h2d", 0.0) + t2 - t
+            stages["model"] = stages.get("model", 0.0) + time.monotonic() - t2
+        return feats
+
+    def loader(self, batches: Iterable[list[Item]], workers: int) -> Iterable[Batch]:
+        """A loader over `batches` (lists of Items) whose Batches `features` takes: decoded the way this extractor
+        needs (JPEG bytes for a device decode, pinned memory on CUDA)."""
+        return make_loader(batches, self.prep, workers, pin=self.device.type == "cuda",
+                           device_decode=self.device_decode)
 
     def __call__(self, batch: Any) -> np.ndarray:
         import torch

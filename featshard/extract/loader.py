@@ -9,7 +9,6 @@ JPEGs (`Batch.encoded`) for `Extractor.batch_to_device` to decode on the device,
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
@@ -20,6 +19,7 @@ from featshard.extract.decode import ImageFailure, load_image
 from featshard.extract.gpudecode import Encoded, read_encoded
 from featshard.store.inputs import InputSource, Item, iter_items
 from featshard.extract.preprocess import Preprocess
+from featshard.system import cores
 
 
 @dataclass
@@ -138,7 +138,12 @@ def make_loader(batches: Iterable[list[Item]], prep: Preprocess, workers: int, p
                       num_workers=workers, pin_memory=pin, **kwargs)
 
 
+def decodes_on_device(prep: Preprocess, device: str) -> bool:
+    """Whether JPEGs go to `device` as bytes (`--decode gpu` on a CUDA device); elsewhere `gpu` decodes as `fast`."""
+    return prep.decode == "gpu" and device.startswith("cuda")
+
+
 def default_loader_workers(devices_on_node: int) -> int:
     """Decode processes per device: the cores left after one per model worker, shared across devices (>= 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - devices_on_node) // max(1, devices_on_node)) if cores > devices_on_node else 1
+    n = cores()
+    return max(1, (n - devices_on_node) // max(1, devices_on_node)) if n > devices_on_node else 1

@@ -2,14 +2,15 @@
 (DEFAULT | none | PATH), layer, pooling and precision."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from featshard.errors import FeatshardError, UsageError
+from featshard.system import sha256_file
 from featshard.extract.preprocess import Preprocess, from_transforms
 from featshard.extract.timmmodels import build_timm, check_timm_name, is_timm, timm_identity, timm_preprocess
 
@@ -56,9 +57,8 @@ def weights_enum(name: str) -> Any:
 
 def preprocess_for(name: str, weights: str = "DEFAULT", **overrides: Any) -> Preprocess:
     """The preprocessing recipe of the weights in use: torchvision's own weights are recognised (also as a local
-    file, by the sha256 prefix torchvision puts in its file names); random init and fine-tuned files use DEFAULT's.
-    timm models: the pretrained tag's eval transform."""
-    if is_timm(name):
+    file, by the sha256 prefix torchvision puts in its file names); random init and fine-tuned files use DEFAULT's."""
+    if is_timm(name):  # the pretrained tag's eval transform
         return timm_preprocess(name, **overrides)
     return from_transforms(matching_enum(name, weights).transforms(), **overrides)
 
@@ -89,16 +89,13 @@ def weights_identity(spec: ModelSpec) -> str:
 
 
 def file_sha256(path: str) -> str:
+    """The weights file's sha256, or a UsageError saying why it cannot be read."""
     if not os.path.isfile(path):
         raise UsageError(f"--weights {path!r}: no such file (use DEFAULT, none, or a local .pth file)")
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise UsageError(f"--weights {path!r}: cannot read: {exc}") from exc
-    return digest.hexdigest()
 
 
 def cpu_has_bf16() -> bool:
@@ -134,23 +131,49 @@ def _gpus_have_bf16() -> bool:
         return False
 
 
-def build_model(spec: ModelSpec) -> Any:
-    """The torchvision (or timm) model with its weights loaded, on the CPU, in eval mode."""
+def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
+    """The torchvision (or timm) model with its weights loaded, in eval mode. On `device="meta"` (the coordinator's
+    probe) nothing is allocated or computed, but a weights file is still read and checked against the model's
+    shapes."""
+    import warnings
+
     import torch
     import torchvision
 
     if is_timm(spec.name):
-        return build_timm(spec.name, spec.weights, spec.seed)
+        return build_timm(spec.name, spec.weights, spec.seed, device)
     check_model_name(spec.name)
-    if spec.weights.lower() == "none":
-        torch.manual_seed(spec.seed)  # identical random init in every worker
-        model = torchvision.models.get_model(spec.name, weights=None)
-    elif spec.weights == "DEFAULT":
-        model = torchvision.models.get_model(spec.name, weights=None)
-        model.load_state_dict(_download_default(spec.name))
-    else:
-        model = _from_file(spec.name, spec.weights)
+    with torch.device(device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        if spec.weights.lower() == "none":
+            torch.manual_seed(spec.seed)  # identical random init in every worker
+            model = torchvision.models.get_model(spec.name, weights=None)
+        elif spec.weights == "DEFAULT":
+            model = torchvision.models.get_model(spec.name, weights=None)
+            model.load_state_dict(_download_default(spec.name))
+        else:
+            model = _from_file(spec.name, spec.weights)
     return model.eval()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of what computes the vectors (recorded in the manifest and in every shard file)."""
+    import platform
+
+    import h5py
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    from featshard import __version__
+
+    out = {"featshard": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "numpy": numpy.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
+           "python": platform.python_version()}
+    if "timm" in sys.modules:  # imported by a timm model: not imported just to say its version
+        out["timm"] = sys.modules["timm"].__version__
+    return out
 
 
 def _download_default(name: str) -> dict[str, Any]:

@@ -104,19 +104,23 @@ def timm_identity(name: str) -> str:
     return f"timm:{pretrained_tag(name)}"
 
 
-def build_timm(name: str, weights: str, seed: int) -> Any:
-    """The timm model without its classifier, weights loaded, on the CPU, in eval mode."""
+def build_timm(name: str, weights: str, seed: int, device: str = "cpu") -> Any:
+    """The timm model without its classifier, weights loaded, in eval mode, on `device` ("meta": nothing allocated,
+    but the weights are still found and checked against the model's shapes)."""
+    import warnings
+
     import torch
 
     timm = _timm()
     check_timm_name(name)
-    full = name[len(PREFIX):]
-    if weights == "DEFAULT":
-        return _pretrained(name).eval()
-    torch.manual_seed(seed)  # identical random init in every worker
-    model = timm.create_model(full, pretrained=False, num_classes=0)
-    if weights != "none":
-        load_file(model, weights, name)
+    with torch.device(device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        if weights == "DEFAULT":
+            return _pretrained(name).eval()
+        torch.manual_seed(seed)  # identical random init in every worker
+        model = timm.create_model(name[len(PREFIX):], pretrained=False, num_classes=0)
+        if weights != "none":
+            load_file(model, weights, name)
     return model.eval()
 
 
@@ -174,11 +178,12 @@ def _check_hub_reachable(tag: str) -> None:
 
 
 def load_file(model: Any, path: str, name: str) -> None:
-    """Load a safetensors or PyTorch file into `model` strictly, except for classifier weights (dropped)."""
-    from featshard.extract.models import _load_state_dict, file_sha256
-
-    file_sha256(path)  # a clear error for a missing or unreadable file
-    state = _read_safetensors(path) if _is_safetensors(path) else _load_state_dict(path)
+    """Load a safetensors or PyTorch file (a state_dict or a checkpoint holding one, read by timm's
+    `load_state_dict`: EMA weights first, `module.` prefixes removed) into `model` strictly, except for classifier
+    weights (dropped)."""
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise UsageError(f"--weights {path!r}: no such readable file (use DEFAULT, none, or a local file)")
+    state = _read_safetensors(path) if _is_safetensors(path) else _read_torch(path)
     own = set(model.state_dict())
     heads = model.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
@@ -199,12 +204,25 @@ def _is_safetensors(path: str) -> bool:
 
 def _read_safetensors(path: str) -> dict[str, Any]:
     from safetensors.torch import load_file as st_load
+    from timm.models import clean_state_dict
 
     try:
-        state = st_load(path, device="cpu")
+        return clean_state_dict(st_load(path, device="cpu"))  # type: ignore[no-any-return]
     except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
         raise UsageError(f"--weights {path}: not a readable safetensors file: {exc}") from exc
-    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _read_torch(path: str) -> dict[str, Any]:
+    import torch
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(path, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - unpickling errors vary
+        raise UsageError(f"--weights {path}: not a readable PyTorch checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--weights {path}: expected a state_dict or a checkpoint holding one")
+    return state
 
 
 def head_net(model: Any) -> Any:

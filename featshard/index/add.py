@@ -9,7 +9,6 @@ lists (an `--on-disk` one gets a new .ivfdata holding the old and new lists); re
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -17,8 +16,15 @@ from typing import Any
 
 from featshard.index import reader as fx
 from featshard.index import merge
+from featshard.index.config import AddConfig
+from featshard.index.reader import IndexInfo
 from featshard.errors import FeatshardError, UsageError
+from featshard.store.atomic import fsync_file
+from featshard.store.rundir import RunDir
 from featshard.store.manifest import diff_fields, load_manifest
+from featshard.index.faissutil import apply_params, faiss_stdout_to_stderr
+from featshard.index.recall import tune
+from featshard.index.vectors import Source, check_source, source_of
 
 log = logging.getLogger("featshard.index.add")
 
@@ -43,13 +49,13 @@ def check_compatible(run: Path, other: Path) -> None:
                              "Only runs with the same model/config can share an index.")
 
 
-def check_new_source(loaded: fx.LoadedIndex, other: Path) -> fx.Source:
+def check_new_source(loaded: fx.LoadedIndex, other: Path) -> Source:
     """OTHER as a checked source with the next free id offset; refused if it is already in the index."""
     for src in loaded.sources:
         if src.run_dir.resolve() == other.resolve():
             raise UsageError(f"{other} is already in the index of {loaded.run_dir}")
     offset = max(s.id_offset + s.rows for s in loaded.sources) if loaded.sources else 0
-    src = fx.check_source(fx.source_of(other, offset))
+    src = check_source(source_of(other, offset))
     if src.dim != loaded.dim:
         raise FeatshardError(f"{other} has {src.dim}-dim vectors, the index {loaded.dim}")
     if not sum(src.counts):
@@ -74,27 +80,27 @@ def merge_with_existing(existing: Any, trained: Any, part_files: list[str], path
     vector = faiss.InvertedListsPtrVector()
     for lists in inputs:
         vector.push_back(lists)
-    with fx.faiss_stdout_to_stderr():
+    with faiss_stdout_to_stderr():
         ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False)
     trained.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(invlists, True)
     invlists.this.disown()
-    merge.fsync_file(path)
+    fsync_file(path)
     return trained
 
 
-def add_on_disk(loaded: fx.LoadedIndex, src: fx.Source, gpu: bool) -> tuple[Any, str]:
+def add_on_disk(loaded: fx.LoadedIndex, src: Source, gpu: bool) -> tuple[Any, str]:
     import faiss
 
-    out = fx.index_dir(loaded.run_dir)
-    trained_path = out / merge.TRAINED_FILE
+    paths = RunDir(loaded.run_dir)
+    out, trained_path = paths.index, paths.trained_index
     if not trained_path.is_file():
         raise FeatshardError(f"{trained_path} is missing (it is kept by `merge --on-disk`); rebuild with merge")
     trained = faiss.read_index(str(trained_path))
-    files = merge.write_parts(trained, [src], out / "parts", gpu)
+    files = merge.write_parts(trained, [src], paths.index_parts, gpu)
     ivfdata = merge.new_ivfdata_name()
     index = merge_with_existing(loaded.index, trained, files, out / ivfdata)
-    fx.apply_params(index, loaded.meta.get("search_params") or {})
+    apply_params(index, loaded.meta.get("search_params") or {})
     return index, ivfdata
 
 
@@ -114,31 +120,21 @@ def add_run(run_dir: str | Path, other_dir: str | Path, target_recall: float | N
         index, ivfdata = add_on_disk(loaded, src, on_gpu)
     else:
         index, ivfdata = merge.fill_index(loaded.index, [src], on_gpu), None
-    sources = [fx.check_source(s) for s in loaded.sources] + [src]
+    sources = [check_source(s) for s in loaded.sources] + [src]
     meta = dict(loaded.meta)
     target = target_recall if target_recall is not None else float(meta.get("recall_target", 0.95))
     meta.update({"ntotal": int(index.ntotal), "sources": [s.to_meta(run) for s in sources],
                  "add_seconds": round(time.perf_counter() - started, 3)})
-    meta.update(fx.tune(index, sources, meta["metric"], target, int(meta.get("seed", 0))))
+    meta.update(tune(index, sources, meta["metric"], target, int(meta.get("seed", 0))))
     log.info("added %d vectors of %s (ids from %d): %d -> %d", index.ntotal - before, other, src.id_offset,
              before, index.ntotal)
     return merge.save(run, index, meta, ivfdata)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="DIR", help="run directory whose index/ gets the vectors")
-    parser.add_argument("--from", dest="other", required=True, metavar="OTHER_RUN",
-                        help="run directory whose vectors are added (same model/config)")
-    parser.add_argument("--target-recall", type=float, default=None,
-                        help="recall@10 to re-tune for (default: the one the index was built with)")
-    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                        help="add on GPUs (default: when a GPU faiss build sees one)")
-
-
-def command(args: argparse.Namespace) -> int:
-    if args.target_recall is not None and not 0 < args.target_recall <= 1:
-        raise UsageError("--target-recall must be in (0, 1]")
-    meta = add_run(args.run_dir, args.other, args.target_recall, args.gpu)
-    log.info("index %s now holds %d vectors from %d runs; recall@10 %.3f", fx.index_dir(args.run_dir),
-             meta["ntotal"], len(meta["sources"]), meta["recall_at_10"])
-    return 0
+def add_to_index(config: AddConfig) -> IndexInfo:
+    """`featshard add` as a function: put OTHER's vectors into DIR's index; returns the new index's description."""
+    meta = add_run(config.run_dir, config.other, config.target_recall, config.gpu)
+    info = IndexInfo.from_meta(config.run_dir, meta)
+    log.info("index %s now holds %d vectors from %d runs; recall@10 %.3f", RunDir(config.run_dir).index,
+             info.ntotal, len(meta["sources"]), info.recall)
+    return info

@@ -17,25 +17,26 @@ Output: a table on stdout (default), `--json` ({"near": [...], "exact": [...]}) 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import json
 import logging
-import os
-import sys
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from featshard.index import reader as fx
-from featshard.errors import UsageError
+from featshard.index.config import DedupConfig
+from featshard.store.atomic import write_atomic
+from featshard.system import sha256_file
 from featshard.store.inputs import item_size, iter_items, open_input, read_item_bytes
 from featshard.store.webdataset import TarMember
 from featshard.store.manifest import load_manifest
+from featshard.index.vectors import Source, batch_rows_for, iter_vectors
 
 log = logging.getLogger("featshard.index.dedup")
 
@@ -73,7 +74,7 @@ def near_pairs(loaded: fx.LoadedIndex, threshold: float, k: int) -> dict[tuple[i
     """{(a, b): score} for every stored vector's kNN with a score past the threshold (a < b)."""
     higher = loaded.meta.get("metric", "ip") == "ip"
     pairs: dict[tuple[int, int], float] = {}
-    batches = fx.iter_vectors(loaded.sources, min(QUERY_BATCH, fx.batch_rows_for(loaded.dim)))
+    batches = iter_vectors(loaded.sources, min(QUERY_BATCH, batch_rows_for(loaded.dim)))
     for ids, vecs in batches:
         scores, found = loaded.search(vecs, min(k + 1, max(1, loaded.ntotal)))
         ok = (found >= 0) & (found != ids[:, None]) & ((scores >= threshold) if higher else (scores <= threshold))
@@ -116,18 +117,14 @@ def _member(ident: int, where: tuple[str | None, str | None, int], score: float 
     return {"id": int(ident), "name": name, "run_dir": run_dir, "row": int(row), "score": score}
 
 
-def sha256_file(path: str | TarMember, block: int = 1 << 20) -> str:
+def sha256_input(path: str | TarMember) -> str:
     """sha256 of an input image: a file in 1 MiB blocks, or a tar member's bytes."""
     if isinstance(path, TarMember):
         return hashlib.sha256(read_item_bytes(path)).hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
-def exact_groups(sources: Iterable[fx.Source]) -> list[dict[str, Any]]:
+def exact_groups(sources: Iterable[Source]) -> list[dict[str, Any]]:
     """Groups of byte-identical input files over all source runs: size first, then sha256 of equal sizes."""
     by_size: dict[int, list[tuple[int, str, str, str | TarMember, int]]] = defaultdict(list)
     unreadable = 0
@@ -144,17 +141,35 @@ def exact_groups(sources: Iterable[fx.Source]) -> list[dict[str, Any]]:
     for entries in (e for e in by_size.values() if len(e) > 1):
         for entry in entries:
             try:
-                by_hash[sha256_file(entry[3])].append(entry)
+                by_hash[sha256_input(entry[3])].append(entry)
             except OSError:
                 unreadable += 1
     if unreadable:
         log.warning("--exact: %d input files could not be read and were skipped", unreadable)
     groups = sorted((sorted(g) for g in by_hash.values() if len(g) > 1), key=lambda g: g[0][0])
-    return [{"group": n, "kind": "exact", "size": len(g), "sha256": sha256_file(g[0][3]),
+    return [{"group": n, "kind": "exact", "size": len(g), "sha256": sha256_input(g[0][3]),
              "members": [_member(e[0], (e[1], e[2], e[4]), None) for e in g]} for n, g in enumerate(groups)]
 
 
-def render(result: dict[str, Any], fmt: str) -> str:
+@dataclass
+class DedupResult:
+    """Near-duplicate groups (and byte-identical ones when `exact_checked`); each group a dict with `group`, `kind`,
+    `size`, `members` ({id, name, run_dir, row, score}) and for near groups `score_min`, `score_max`, `pairs`."""
+
+    run_dir: str
+    metric: str
+    threshold: float
+    k: int
+    near: list[dict[str, Any]]
+    exact: list[dict[str, Any]]
+    exact_checked: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def render(res: DedupResult, fmt: str) -> str:
+    result = res.to_dict()
     if fmt == "json":
         return json.dumps(result, indent=2, ensure_ascii=False) + "\n"
     buf = io.StringIO()
@@ -177,38 +192,23 @@ def render(result: dict[str, Any], fmt: str) -> str:
     return buf.getvalue()
 
 
-def dedup(run_dir: str | Path, threshold: float | None = None, k: int = 10, exact: bool = False) -> dict[str, Any]:
+def dedup(run_dir: str | Path, threshold: float | None = None, k: int = 10, exact: bool = False) -> DedupResult:
     """Near (and with exact=True, byte-identical) duplicate groups of the images in DIR's index."""
     loaded = fx.load_index(run_dir)
     metric = loaded.meta.get("metric", "ip")
     threshold = DEFAULT_THRESHOLD[metric] if threshold is None else float(threshold)
     near = near_groups(loaded, threshold, k)
     log.info("%d near-duplicate groups among %d vectors", len(near), loaded.ntotal)
-    return {"run_dir": str(run_dir), "metric": metric, "threshold": threshold, "k": k, "near": near,
-            "exact": exact_groups(loaded.sources) if exact else [], "exact_checked": exact}
+    return DedupResult(str(run_dir), metric, threshold, k, near, exact_groups(loaded.sources) if exact else [], exact)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="DIR", help="run directory with a merged index")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="ip: similarity >= T (default 0.9); l2: squared distance <= T (default 0.2)")
-    parser.add_argument("--k", type=int, default=10, help="neighbours searched per image (default 10)")
-    parser.add_argument("--exact", action="store_true", help="also group byte-identical files (sha256)")
-    fmt = parser.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON")
-    fmt.add_argument("--csv", action="store_true", help="print CSV: kind,group,id,name,run_dir,row,score")
-    parser.add_argument("--out", default=None, metavar="FILE", help="write the output here instead of stdout")
+def dedup_run(config: DedupConfig) -> DedupResult:
+    """`featshard dedup` as a function; with `out` set, also writes the rendering (text, or --json/--csv) there."""
+    result = dedup(config.run_dir, config.threshold, config.k, config.exact)
+    if config.out:
+        write_atomic(config.out, render(result, output_format(config)))
+    return result
 
 
-def command(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise UsageError("--k must be >= 1")
-    result = dedup(args.run_dir, args.threshold, args.k, args.exact)
-    text = render(result, "json" if args.json else "csv" if args.csv else "text")
-    if args.out:
-        tmp = f"{args.out}.tmp-{os.getpid()}"
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.replace(tmp, args.out)
-    else:
-        sys.stdout.write(text)
-    return 0
+def output_format(config: DedupConfig) -> str:
+    return "json" if config.json else "csv" if config.csv else "text"

@@ -21,10 +21,8 @@ The chosen spec and the reason are written to index.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,23 +30,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from featshard.index import reader as fx
+from featshard.index.config import MergeConfig
+from featshard.index.reader import IndexInfo
 from featshard.errors import FeatshardError, UsageError
-from featshard.index.faissutil import METRICS, faiss_stdout_to_stderr, is_exact
-from featshard.index.spec import (  # re-exported: featshard.index.merge.X keeps working
-    DEFAULT_TRAIN_MIN as DEFAULT_TRAIN_MIN, FLAT_AUTO_MAX as FLAT_AUTO_MAX,
-    HNSW_QUANTIZER_MIN_NLIST as HNSW_QUANTIZER_MIN_NLIST, MIN_POINTS_PER_CENTROID as MIN_POINTS_PER_CENTROID,
-    PQ_CHOICES as PQ_CHOICES, auto_spec as auto_spec, choose_train_size as choose_train_size,
-    human_bytes as human_bytes, make_index as make_index, nlist_for as nlist_for, parse_size as parse_size,
-    train_bounds as train_bounds,
-)
+from featshard.store.atomic import fsync_file, write_atomic, write_json_atomic
+from featshard.store.rundir import RunDir
+from featshard.index.faissutil import faiss_stdout_to_stderr, is_exact
+from featshard.index.spec import auto_spec, choose_train_size, make_index
 from featshard.index.recall import tune
 from featshard.index.vectors import (
     ShardRef, Source, batch_rows_for, check_source, gather, iter_vectors, sample_positions, source_of,
 )
 
 log = logging.getLogger("featshard.index.merge")
-
-TRAINED_FILE = "trained.faiss"  # the trained empty index of an --on-disk build, kept for `add`
 
 
 def use_gpu(requested: bool | None, num_gpus: int) -> bool:
@@ -148,35 +142,26 @@ def _single(src: Source, ref: ShardRef, count: int) -> Source:
     return Source(src.run_dir, src.fingerprint, src.id_offset, src.rows, src.dim, [ref], [count])
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def write_index_atomic(index: Any, path: Path) -> None:
     import faiss
 
-    from featshard.store.shards import atomic_replace
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    faiss.write_index(index, tmp)
-    atomic_replace(tmp, str(path))
+    write_atomic(path, lambda tmp: faiss.write_index(index, tmp))
 
 
 def save(run_dir: Path, index: Any, meta: dict[str, Any], ivfdata: str | None) -> dict[str, Any]:
     """Write index.faiss then index.json atomically; drop build parts and .ivfdata files no longer referenced."""
-    from featshard.store.manifest import write_json_atomic
     from featshard.store.shards import remove_tree
 
-    out = fx.index_dir(run_dir)
-    write_index_atomic(index, out / fx.INDEX_FILE)
+    paths = RunDir(run_dir)
+    out = paths.index
+    write_index_atomic(index, paths.index_file)
     meta["ivfdata"] = ivfdata
-    meta["index_bytes"] = (out / fx.INDEX_FILE).stat().st_size + ((out / ivfdata).stat().st_size if ivfdata else 0)
+    meta["index_bytes"] = paths.index_file.stat().st_size + ((out / ivfdata).stat().st_size if ivfdata else 0)
     meta["peak_rss_bytes"] = fx.peak_rss_bytes()
-    write_json_atomic(out / fx.META_FILE, meta)
-    remove_tree(out / "parts")
+    write_json_atomic(paths.index_meta, meta)
+    remove_tree(paths.index_parts)
     if not ivfdata:
-        (out / TRAINED_FILE).unlink(missing_ok=True)
+        paths.trained_index.unlink(missing_ok=True)
     for old in out.glob("*.ivfdata"):
         if old.name != ivfdata:
             old.unlink()
@@ -196,7 +181,7 @@ def populate(index: Any, sources: Sequence[Source], out: Path, on_disk: bool, gp
     """Fill a trained index by streaming; --on-disk keeps the trained empty index and builds an .ivfdata."""
     if not on_disk:
         return fill_index(index, sources, gpu), None
-    write_index_atomic(index, out / TRAINED_FILE)
+    write_index_atomic(index, RunDir(out.parent).trained_index)
     return build_on_disk(index, sources, out, gpu)
 
 
@@ -220,7 +205,7 @@ def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_siz
     size = 0 if index.is_trained else choose_train_size(index, spec, train_size, ntotal)
     if size:
         index = train_index(index, [src], size, seed, on_gpu)
-    out = fx.index_dir(run)
+    out = RunDir(run).index
     out.mkdir(parents=True, exist_ok=True)
     _warn_dropped_sources(out)
     index, ivfdata = populate(index, [src], out, on_disk, on_gpu)
@@ -234,7 +219,7 @@ def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_siz
 
 def _warn_dropped_sources(out: Path) -> None:
     try:
-        previous = json.loads((out / fx.META_FILE).read_text(encoding="utf-8")).get("sources") or []
+        previous = json.loads(RunDir(out.parent).index_meta.read_text(encoding="utf-8")).get("sources") or []
     except (OSError, ValueError):
         return
     if len(previous) > 1:
@@ -242,30 +227,11 @@ def _warn_dropped_sources(out: Path) -> None:
                     len(previous) - 1)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="DIR", help="run directory (with manifest.json and shards/)")
-    parser.add_argument("--index-spec", default="Flat", help="faiss index_factory string, or 'auto' (default Flat)")
-    parser.add_argument("--metric", choices=METRICS, default="ip", help="ip (default; cosine on normalised "
-                        "vectors) or l2")
-    parser.add_argument("--train-size", type=int, default=None, help="training sample size (default from the spec)")
-    parser.add_argument("--max-index-memory", default=None, help="memory budget for --index-spec auto, e.g. 4G "
-                        "(default: half the RAM)")
-    parser.add_argument("--on-disk", action="store_true", help="IVF only: inverted lists in an on-disk .ivfdata "
-                        "file, built one shard at a time and memory-mapped by search")
-    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune nprobe/efSearch for")
-    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                        help="train/add on GPUs (default: when a GPU faiss build sees one)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training and recall samples")
-
-
-def command(args: argparse.Namespace) -> int:
-    if not 0 < args.target_recall <= 1:
-        raise UsageError("--target-recall must be in (0, 1]")
-    if args.train_size is not None and args.train_size < 1:
-        raise UsageError("--train-size must be >= 1")
-    max_memory = parse_size(args.max_index_memory) if args.max_index_memory else None
-    meta = build(args.run_dir, args.index_spec, args.metric, args.train_size, max_memory, args.on_disk,
-                 args.target_recall, args.gpu, args.seed)
-    log.info("index %s: %d vectors, spec %s, recall@10 %.3f, %.1f s, %s", fx.index_dir(args.run_dir),
-             meta["ntotal"], meta["spec"], meta["recall_at_10"], meta["build_seconds"], meta["search_params"])
-    return 0
+def merge_run(config: MergeConfig) -> IndexInfo:
+    """`featshard merge` as a function: build, tune and write DIR/index."""
+    meta = build(config.run_dir, config.index_spec, config.metric, config.train_size, config.max_memory_bytes,
+                 config.on_disk, config.target_recall, config.gpu, config.seed)
+    info = IndexInfo.from_meta(config.run_dir, meta)
+    log.info("index %s: %d vectors, spec %s, recall@10 %.3f, %.1f s, %s", RunDir(config.run_dir).index, info.ntotal,
+             info.spec, info.recall, meta["build_seconds"], info.search_params)
+    return info

@@ -7,11 +7,6 @@ parameters (nprobe / efSearch), the measured recall@10, and `sources`, the runs 
 shards of the source runs. An `--on-disk` index keeps its inverted lists in `DIR/index/index-<stamp>.ivfdata`
 (a fresh name per build, so swapping index.faiss stays atomic), opened memory-mapped, plus `trained.faiss`, the
 trained empty index that `add` fills new parts from.
-
-The pieces it builds on live in their own modules, and their names stay importable from here: `featshard.index.vectors`
-(Source, check_source, streaming and sampling shard rows),
-`featshard.index.recall` (tunable, exact_knn, recall_at, tune)
-and `featshard.index.faissutil` (METRICS, faiss_metric, unwrap, is_exact, apply_params, faiss_stdout_to_stderr).
 """
 from __future__ import annotations
 
@@ -24,26 +19,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from featshard.errors import FeatshardError
-from featshard.index.faissutil import (  # re-exported: featshard.index.reader.X keeps working
-    METRICS as METRICS, apply_params as apply_params, faiss_metric as faiss_metric,
-    faiss_stdout_to_stderr as faiss_stdout_to_stderr, is_exact as is_exact, unwrap as unwrap,
-)
-from featshard.index.recall import (  # re-exported: featshard.index.reader.X keeps working
-    PLATEAU as PLATEAU, exact_knn as exact_knn, recall_at as recall_at, tunable as tunable, tune as tune,
-)
+from featshard.store.rundir import RunDir
+from featshard.index.faissutil import apply_params, faiss_stdout_to_stderr
 from featshard.store.shards import names_for_rows
-from featshard.index.vectors import (  # re-exported: featshard.index.reader.X keeps working
-    BATCH_BYTES as BATCH_BYTES, MAX_CHUNKS_PER_READ as MAX_CHUNKS_PER_READ, ShardRef as ShardRef, Source as Source,
-    batch_rows_for as batch_rows_for, check_source as check_source, gather as gather, iter_vectors as iter_vectors,
-    read_rows as read_rows, sample_positions as sample_positions, source_of as source_of,
-)
+from featshard.index.vectors import Source, source_of
 
-INDEX_FILE = "index.faiss"
-META_FILE = "index.json"
-
-
-def index_dir(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / "index"
 
 
 def _source_from_meta(entry: dict[str, Any], index_run: Path, first: bool) -> Source:
@@ -97,8 +77,9 @@ def default_max_memory() -> int:
 
 
 def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = index_dir(run_dir) / META_FILE
-    if not path.is_file() or not (index_dir(run_dir) / INDEX_FILE).is_file():
+    paths = RunDir(run_dir)
+    path = paths.index_meta
+    if not path.is_file() or not paths.index_file.is_file():
         raise FeatshardError(f"{run_dir} has no index: run `featshard merge {run_dir}` first")
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -113,12 +94,33 @@ def read_index_file(run_dir: str | os.PathLike[str], meta: dict[str, Any]) -> An
 
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY if meta.get("on_disk") else 0
     with faiss_stdout_to_stderr():
-        index = faiss.read_index(str(index_dir(run_dir) / INDEX_FILE), flags)
+        index = faiss.read_index(str(RunDir(run_dir).index_file), flags)
     if index.ntotal != meta.get("ntotal"):
-        raise FeatshardError(f"{index_dir(run_dir)}: index.faiss holds {index.ntotal} vectors but index.json says "
+        raise FeatshardError(f"{RunDir(run_dir).index}: index.faiss holds {index.ntotal} vectors but index.json says "
                              f"{meta.get('ntotal')}; an interrupted merge/add? rerun `featshard merge {run_dir}`")
     apply_params(index, meta.get("search_params") or {})
     return index
+
+
+@dataclass
+class IndexInfo:
+    """What `merge` and `add` return: the index.json of DIR/index, with its main facts as attributes."""
+
+    run_dir: str
+    spec: str
+    metric: str
+    ntotal: int
+    dim: int
+    recall: float
+    search_params: dict[str, int | float]
+    on_disk: bool
+    meta: dict[str, Any]
+
+    @classmethod
+    def from_meta(cls, run_dir: str | os.PathLike[str], meta: dict[str, Any]) -> "IndexInfo":
+        return cls(str(run_dir), str(meta["spec"]), str(meta.get("metric", "ip")), int(meta["ntotal"]),
+                   int(meta["dim"]), float(meta.get("recall_at_10", 1.0)), dict(meta.get("search_params") or {}),
+                   bool(meta.get("on_disk")), meta)
 
 
 @dataclass

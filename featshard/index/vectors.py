@@ -13,7 +13,8 @@ import numpy as np
 from featshard.errors import FeatshardError
 from featshard.store.manifest import load_manifest
 from featshard.store.plan import shard_name
-from featshard.store.shards import iter_features, read_attrs, shard_path
+from featshard.store.rundir import RunDir
+from featshard.store.shards import iter_features, read_attrs
 
 BATCH_BYTES = 64 << 20  # working set of one streamed batch of vectors
 MAX_CHUNKS_PER_READ = 4096
@@ -74,7 +75,7 @@ def source_of(run_dir: str | os.PathLike[str], id_offset: int = 0) -> Source:
     try:
         plan = manifest["plan"]
         shards = [
-            ShardRef(n, shard_path(run, n), int(s["start"]), int(s["stop"]))
+            ShardRef(n, RunDir(run).shard(n), int(s["start"]), int(s["stop"]))
             for s in plan
             for n in [shard_name(int(s["index"]), int(s["count"]))]
         ]

@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from featshard.errors import FeatshardError
+from featshard.system import pid_alive
 from featshard.store.progress import read_progress
 from featshard.runner.worker import ShardResult, ShardSpec, extract_shard
 
@@ -139,7 +140,7 @@ class PoolHandle:
             if time.time() - self._submitted > self._start_timeout:
                 raise WorkerDied(f"{self.spec.shard.name}: no worker started it within {self._start_timeout:.0f} s")
             return
-        if _alive(int(pid)):
+        if pid_alive(int(pid)):
             self._dead_since = None
             return
         self._dead_since = self._dead_since or time.monotonic()
@@ -147,14 +148,6 @@ class PoolHandle:
             raise WorkerDied(f"{self.spec.shard.name}: worker pid {pid} on {self.spec.shard.device} died "
                              "(killed, out of memory or crashed) before finishing")
 
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class PoolBackend:

@@ -1,17 +1,63 @@
 """The end-of-run report: `summary.json` (rows, ok, failed, speed, stage timings) and a one-line verdict."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from featshard.store.plan import Shard
+from featshard.errors import FeatshardError
 from featshard.runner.prepare import Prepared
 from featshard.runner.worker import ShardResult
+from featshard.store.plan import Shard
 
 STAGES = ("load_model", "wait_first", "wait_data", "h2d", "model", "write")  # wait_first: loaders starting
 
 
+@dataclass
+class RunSummary:
+    """What `featshard.run` returns and `summary.json` holds: rows, ok, failed, speed, per-shard details, stage
+    timings, the verdict. A dry run fills `plan` (and `input_sha256`, `num_nodes`) and nothing else."""
+
+    run_dir: str
+    rows: int
+    ok: int = 0
+    failed: int = 0
+    complete: bool = False
+    images_per_s: float = 0.0
+    wall_seconds: float = 0.0
+    resumed_rows: int = 0
+    processed_rows: int = 0
+    retried_rows: int = 0
+    recovered_rows: int = 0
+    fingerprint: str = ""
+    verdict: str = ""
+    errors: dict[str, str] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    graphs: list[str] = field(default_factory=list)
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    input_sha256: str = ""
+    num_nodes: int = 1
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSummary":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class RunIncomplete(FeatshardError):
+    """Some shards did not complete (their errors are in `summary.errors`); the same command resumes."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors: dict[str, str],
-              start_rows: dict[str, int] | None = None, retries: dict[str, list[int]] | None = None) -> dict[str, Any]:
+              start_rows: dict[str, int] | None = None, retries: dict[str, list[int]] | None = None) -> RunSummary:
     """`resumed_rows`: rows found done when the command started; `processed_rows`: rows this command finished
     (a retried shard's rows are counted once; its attempts are listed)."""
     start_rows, retries = start_rows or {}, retries or {}
@@ -20,7 +66,7 @@ def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors
     processed = sum(e["processed_rows"] for e in per_shard)
     extracted = sum(r.processed_rows for r in results)  # by the attempts that returned: the speed's numerator
     stages = total_stages(results)
-    return {
+    return RunSummary.from_dict({
         "run_dir": p.run_dir, "fingerprint": p.fingerprint, "rows": sum(s.rows for s in mine),
         "ok": sum(r.ok for r in results), "failed": sum(r.failed for r in results),
         "resumed_rows": sum(start_rows.values()) if start_rows else sum(e["resumed_rows"] for e in per_shard),
@@ -31,7 +77,7 @@ def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors
         "stages": stages, "graphs": sorted({r.graph for r in results if r.graph}),
         "verdict": verdict_of(stages, p.model.precision, p.prep.decode) if results or not errors
         else "no shard completed: see errors",
-    }
+    })
 
 
 def shard_entry(r: ShardResult, resumed: int, retries: list[int]) -> dict[str, Any]:
@@ -69,5 +115,5 @@ def verdict_of(stages: dict[str, float], precision: str = "fp32", decode: str = 
             "a bigger --batch-size, or more devices")
 
 
-def verdict(summary: dict[str, Any]) -> str:
-    return f"verdict: {summary.get('verdict', '')}"
+def verdict(summary: RunSummary) -> str:
+    return f"verdict: {summary.verdict}"

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from featshard.store import shards
+from featshard.store.atomic import TMP_MARK
 from featshard.store.plan import chunk_ranges
-from featshard.store.progress import progress_path
+from featshard.store.rundir import RunDir
 
 log = logging.getLogger("featshard.resume")
 
@@ -18,10 +19,11 @@ def clean_stale(spec: Any) -> None:
     """Remove what a killed writer of this shard may have left: torn `*.tmp-<pid>` files; the chunk folder of a
     shard whose file is complete (killed between the final rename and the clean-up)."""
     name, run_dir = spec.shard.name, spec.run_dir
-    final = shards.shard_path(run_dir, name)
-    parts = shards.parts_dir(run_dir, name)
-    stale = [*final.parent.glob(f"{name}.h5.tmp-*"), *progress_path(run_dir, name).parent.glob(
-        f"{name}.progress.json.tmp-*"), *(parts.glob("*.tmp-*") if parts.is_dir() else [])]
+    paths = RunDir(run_dir)
+    final, parts = paths.shard(name), paths.parts(name)
+    stale = [*final.parent.glob(f"{final.name}{TMP_MARK}*"),
+             *paths.shards.glob(f"{paths.progress(name).name}{TMP_MARK}*"),
+             *(parts.glob(f"*{TMP_MARK}*") if parts.is_dir() else [])]
     for path in stale:
         log.info("removing %s, left by an interrupted write", path)
         path.unlink(missing_ok=True)
@@ -47,13 +49,13 @@ def durable_chunks(spec: Any) -> tuple[list[tuple[int, int]], list[tuple[int, in
     """(finished, pending) chunk ranges of an unfinished shard, from the chunk files on disk."""
     chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
     fp = spec.attrs.get("fingerprint")
-    done = {c for c in chunks if chunk_usable(shards.chunk_path(spec.run_dir, spec.shard.name, *c), fp)}
+    done = {c for c in chunks if chunk_usable(RunDir(spec.run_dir).chunk(spec.shard.name, *c), fp)}
     return [c for c in chunks if c in done], [c for c in chunks if c not in done]
 
 
 def durable_rows(spec: Any) -> int:
     """Rows of this shard already on disk: all of them for a complete shard file, else those of finished chunks."""
-    if shards.is_complete(shards.shard_path(spec.run_dir, spec.shard.name)):
+    if shards.is_complete(RunDir(spec.run_dir).shard(spec.shard.name)):
         return spec.shard.rows
     done, _ = durable_chunks(spec)
     return sum(hi - lo for lo, hi in done)

@@ -16,6 +16,7 @@ import numpy as np
 from featshard.runner.resume import durable_chunks
 from featshard.store import shards
 from featshard.store.inputs import Item, iter_items
+from featshard.store.rundir import RunDir
 from featshard.store.shardedit import rewrite_file
 
 log = logging.getLogger("featshard.retryfailed")
@@ -23,11 +24,11 @@ log = logging.getLogger("featshard.retryfailed")
 
 def retry_targets(spec: Any) -> list[Path]:
     """The files whose failures are retried: the shard file when complete, else its finished chunk files."""
-    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    final = RunDir(spec.run_dir).shard(spec.shard.name)
     if shards.is_complete(final):
         return [final]
     done, _ = durable_chunks(spec)
-    return [shards.chunk_path(spec.run_dir, spec.shard.name, lo, hi) for lo, hi in done]
+    return [RunDir(spec.run_dir).chunk(spec.shard.name, lo, hi) for lo, hi in done]
 
 
 def failed_rows_of(path: Path) -> np.ndarray:
@@ -64,16 +65,10 @@ def items_for_rows(source: Any, rows: np.ndarray) -> Iterator[Item]:
 def extract_rows(spec: Any, extractor: Any, items: list[Item],
                  stages: dict[str, float]) -> dict[int, np.ndarray | str]:
     """row -> feature vector (float32) or the failure reason, for the given items."""
-    from featshard.extract.loader import make_loader
-    from featshard.runner.worker import run_model
-
     batches = [items[i: i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]
-    loader = make_loader(batches, spec.prep, min(spec.loader_workers, len(batches)),
-                         pin=str(extractor.device).startswith("cuda"),
-                         device_decode=getattr(extractor, "device_decode", False))
     outcome: dict[int, np.ndarray | str] = {}
-    for batch in loader:
-        feats = run_model(extractor, batch, stages)
+    for batch in extractor.loader(batches, min(spec.loader_workers, len(batches))):
+        feats = extractor.features(batch, stages)
         outcome.update({int(r): f for r, f in zip(batch.rows, feats)})
         outcome.update({int(r): str(reason) for r, reason in zip(batch.failed_rows, batch.failed_reasons)})
     return outcome

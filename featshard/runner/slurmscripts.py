@@ -102,7 +102,6 @@ class JobSpec:
     run_args: list[str] = field(default_factory=list)
     merge_args: list[str] = field(default_factory=list)
     pythonpath: str | None = None
-    verify: bool = True
     version: str = __version__
 
     @property
@@ -185,13 +184,12 @@ def extract_script(spec: JobSpec) -> str:
 
 
 def merge_script(spec: JobSpec) -> str:
-    """The dependent job: one index from every shard, then `verify` (when this featshard has it)."""
+    """The dependent job: one index from every shard, then `verify`."""
     lines = ["#!/bin/bash", _directive("--job-name", "featshard-merge"), *_common(spec),
              _directive("--cpus-per-task", spec.cpus_per_worker),
              _directive("--kill-on-invalid-dep", "yes"), _directive("--open-mode", "append"),
              _directive("--output", _log_pattern(spec, "merge-%j.out")),
              *(_directive(a) for a in spec.sbatch_args), *_header(spec), "set -eo pipefail",
              f"\"$FEATSHARD_PYTHON\" -m featshard merge {shlex.join([spec.out, *spec.merge_args])}"]
-    if spec.verify:
-        lines.append(f"\"$FEATSHARD_PYTHON\" -m featshard verify {shlex.quote(spec.out)}")
+    lines.append(f"\"$FEATSHARD_PYTHON\" -m featshard verify {shlex.quote(spec.out)}")
     return "\n".join(lines) + "\n"

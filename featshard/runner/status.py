@@ -7,53 +7,31 @@ the rows in finished chunk files: what a resumed run keeps.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from featshard.store.manifest import load_manifest, manifest_path
+from featshard.runner.config import StatusConfig
+from featshard.store.manifest import load_manifest
 from featshard.store.plan import shard_name
 from featshard.store.progress import read_progress
-from featshard.store.shards import parts_dir, shard_path
+from featshard.store.rundir import RunDir, chunk_range
+from featshard.system import pid_alive
 
 ACTIVE = ("starting", "running", "finalizing")
-CHUNK = re.compile(r"^chunk-(\d+)-(\d+)\.h5$")
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="DIR", help="the run directory (--out of `run` or `slurm`)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--stale-after", type=float, default=300.0,
-                   help="seconds without a progress update after which an active shard is `stale` (default 300)")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:  # noqa: BLE001 - psutil missing, or the process just exited
-        return True
 
 
 def durable_rows(run_dir: str, name: str) -> int:
     """Rows covered by finished chunk files (a chunk file that exists is complete: written atomically)."""
     try:
-        entries = os.listdir(parts_dir(run_dir, name))
+        entries = os.listdir(RunDir(run_dir).parts(name))
     except OSError:
         return 0
-    return sum(int(m.group(2)) - int(m.group(1)) for m in map(CHUNK.match, entries) if m)
+    return sum(r[1] - r[0] for r in map(chunk_range, entries) if r)
 
 
 def finished_sizes(path: Path) -> tuple[int, int] | None:
@@ -88,7 +66,7 @@ def shard_status(run_dir: str, entry: dict[str, Any], now: float, stale_after: f
         "state": "pending", "updated": progress.get("updated"), "pid": progress.get("pid"),
         "host": progress.get("host"), "error": progress.get("error"),
     }
-    sizes = finished_sizes(shard_path(run_dir, name))
+    sizes = finished_sizes(RunDir(run_dir).shard(name))
     if sizes is not None:
         ok, failed = sizes
         row.update(state="complete", ok=ok, failed=failed, rows_done=ok + failed, durable=ok + failed,
@@ -130,7 +108,7 @@ def collect(run_dir: str, stale_after: float = 300.0, now: float | None = None) 
     now = time.time() if now is None else now
     host = socket.gethostname()
     shards = [shard_status(run_dir, e, now, stale_after, host) for e in manifest.get("plan") or []]
-    jobs_file = Path(run_dir) / "slurm" / "jobs.json"
+    jobs_file = RunDir(run_dir).slurm_jobs
     try:
         slurm = json.loads(jobs_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -139,7 +117,7 @@ def collect(run_dir: str, stale_after: float = 300.0, now: float | None = None) 
         "run_dir": os.path.abspath(run_dir), "fingerprint": manifest.get("fingerprint"),
         "rows": int(manifest.get("rows") or 0), "now": now, "shards": shards,
         "totals": totals(shards, int(manifest.get("rows") or 0)), "slurm": slurm,
-        "index": (Path(run_dir) / "index" / "index.faiss").is_file(),
+        "index": RunDir(run_dir).index_file.is_file(),
     }
 
 
@@ -179,15 +157,18 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def command(args: argparse.Namespace) -> int:
-    jobs = Path(args.run_dir) / "slurm" / "jobs.json"
-    if not manifest_path(args.run_dir).is_file() and jobs.is_file():  # submitted, no task has started yet
-        waiting = {"run_dir": os.path.abspath(args.run_dir), "slurm": json.loads(jobs.read_text(encoding="utf-8")),
-                   "shards": [], "totals": None}
-        print(json.dumps(waiting, indent=2, sort_keys=True) if args.json else
-              f"run {waiting['run_dir']}: slurm jobs {waiting['slurm']} submitted; no task has started yet "
-              "(no manifest.json)")
-        return 0
-    status = collect(args.run_dir, args.stale_after)
-    print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
-    return 0
+def run_status(config: StatusConfig) -> dict[str, Any]:
+    """`featshard status` as a function: the whole status as one dict (what --json prints); a run whose SLURM jobs
+    are submitted but not started yet (no manifest) has `waiting` set and no shards."""
+    paths = RunDir(config.run_dir)
+    if not paths.manifest.is_file() and paths.slurm_jobs.is_file():
+        return {"run_dir": os.path.abspath(config.run_dir), "slurm": json.loads(paths.slurm_jobs.read_text("utf-8")),
+                "shards": [], "totals": None, "waiting": True}
+    return collect(config.run_dir, config.stale_after)
+
+
+def render_any(status: dict[str, Any]) -> str:
+    if status.get("waiting"):
+        return (f"run {status['run_dir']}: slurm jobs {status['slurm']} submitted; no task has started yet "
+                "(no manifest.json)")
+    return render(status)

@@ -11,10 +11,8 @@ Exit 0 when all holds; 1 with a report naming the failed checks, counts and the 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import heapq
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,19 +24,16 @@ import numpy as np
 
 from featshard.extract.decode import REASONS
 from featshard.errors import FeatshardError
+from featshard.runner.config import VerifyConfig
 from featshard.store.inputs import Item, iter_items, open_input, update_digest
 from featshard.store.manifest import load_manifest
 from featshard.store.plan import shard_name
-from featshard.store.shards import clean_text, iter_features, parts_dir, shard_path, shards_dir
+from featshard.store.rundir import RunDir
+from featshard.store.shards import clean_text, iter_features
 
 log = logging.getLogger("featshard.runner.verify")
 BATCH = 65536
 EXAMPLES = 5
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run directory (made by `featshard run`)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 @dataclass
@@ -196,7 +191,7 @@ def shard_usable(path: Path, entry: dict[str, Any], manifest: dict[str, Any], re
     rows = f"rows {entry['start']}..{int(entry['stop']) - 1}"
     if not path.is_file():
         if int(entry["stop"]) > int(entry["start"]):
-            unfinished = parts_dir(run, name).is_dir()
+            unfinished = RunDir(run).parts(name).is_dir()
             extra = " (chunks of an unfinished run are there: rerun `featshard run`)" if unfinished else ""
             rep.problem("missing_shard", f"{name}: no shard file; {rows} are unaccounted for{extra}")
         return False
@@ -222,7 +217,7 @@ def check_shards(run: Path, manifest: dict[str, Any], stream: ItemStream, seen: 
     dim, normalize = int(manifest["model"]["dim"]), bool(manifest["model"].get("normalize", True))
     plan = sorted(manifest["plan"], key=lambda e: int(e["start"]))
     for entry in plan:
-        path = shard_path(run, shard_name(int(entry["index"]), int(entry["count"])))
+        path = RunDir(run).shard(shard_name(int(entry["index"]), int(entry["count"])))
         items = stream.until(int(entry["stop"]))
         if shard_usable(path, entry, manifest, rep, run):
             with h5py.File(path, "r") as h5:
@@ -233,7 +228,7 @@ def check_shards(run: Path, manifest: dict[str, Any], stream: ItemStream, seen: 
         for _ in items:
             pass
     planned = {shard_name(int(e["index"]), int(e["count"])) + ".h5" for e in plan}
-    for extra in sorted(p.name for p in shards_dir(run).glob("shard-*.h5") if p.name not in planned):
+    for extra in sorted(p.name for p in RunDir(run).shards.glob("shard-*.h5") if p.name not in planned):
         rep.warnings.append(f"{extra} is not in the manifest's plan (left from another plan?); ignored")
 
 
@@ -324,7 +319,6 @@ def render(rep: Report) -> str:
     return "\n".join(lines)
 
 
-def command(args: argparse.Namespace) -> int:
-    rep = verify(args.run_dir)
-    print(json.dumps(rep.to_dict(), indent=2) if args.json else render(rep))
-    return 0 if rep.ok else 1
+def verify_run(config: VerifyConfig) -> Report:
+    """`featshard verify` as a function: the report (`report.ok` tells whether every check held)."""
+    return verify(config.run_dir)

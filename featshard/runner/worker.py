@@ -22,6 +22,8 @@ from featshard.extract.models import ModelSpec
 from featshard.store.plan import Shard, chunk_ranges
 from featshard.extract.preprocess import Preprocess
 from featshard.store.progress import Progress
+from featshard.store.rundir import RunDir
+from featshard.extract.loader import decodes_on_device
 from featshard.extract.stream import BatchStream
 from featshard.runner.resume import clean_stale, durable_chunks
 from featshard.store.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
@@ -133,7 +135,7 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     setup_logging()
     t0 = time.monotonic()
     device = pin_device(Device.parse(spec.shard.device), spec.cpu_threads)
-    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    final = RunDir(spec.run_dir).shard(spec.shard.name)
     clean_stale(spec)
     if shards.is_complete(final) and not spec.retry_failed:
         return _done_result(spec, final, t0)
@@ -187,10 +189,10 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
                  stage="loading model" if pending else "finalizing")
     if not pending:
         return resumed, 0
-    shards.parts_dir(spec.run_dir, spec.shard.name).mkdir(parents=True, exist_ok=True)
+    RunDir(spec.run_dir).parts(spec.shard.name).mkdir(parents=True, exist_ok=True)
     cuda = extractor.device.startswith("cuda")
     stream = BatchStream(spec.shard.name, spec.source, pending, spec.prep, spec.batch_size, spec.loader_workers, cuda,
-                         device_decode=cuda and spec.prep.decode == "gpu").start()
+                         device_decode=decodes_on_device(spec.prep, extractor.device)).start()
     ext = extractor.get()  # while the loaders decode the first batches
     progress.set(force=True, stage="extracting")
     return resumed, _consume(spec, ext, stream, pending, stages, progress)
@@ -215,7 +217,7 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
         if batch is None:
             break
         log.debug("%s: batch of %d after %.3f s", spec.shard.name, batch.size, waited)
-        buf.add(batch, run_model(extractor, batch, stages))
+        buf.add(batch, extractor.features(batch, stages))
         processed += batch.size
         bar.update(batch.size)
         progress.add(len(batch.rows), len(batch.failed_rows))
@@ -230,33 +232,10 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
     return processed
 
 
-def run_model(extractor: Any, batch: Any, stages: dict[str, float]) -> np.ndarray:
-    """Features (float32, N x dim) of a batch's decoded rows (after the call: a device decode may move rows it
-    cannot decode to the batch's failures)."""
-    if not len(batch.rows):
-        return np.zeros((0, extractor.dim), np.float32)
-    t = time.monotonic()
-    to_device = getattr(extractor, "batch_to_device", None)
-    x = to_device(batch) if to_device is not None else extractor.to_device(batch.pixels)
-    _sync(extractor.device)
-    t2 = time.monotonic()
-    feats = extractor.forward_device(x).cpu().numpy()
-    stages["h2d"] += t2 - t
-    stages["model"] += time.monotonic() - t2
-    return feats
-
-
-def _sync(device: Any) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
 def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, float]) -> None:
     t = time.monotonic()
-    attrs = dict(spec.attrs, dim=dim, chunk_start=buf.lo, chunk_stop=buf.hi)
-    path = shards.chunk_path(spec.run_dir, spec.shard.name, buf.lo, buf.hi)
+    attrs = provenance(spec, dim=dim, chunk_start=buf.lo, chunk_stop=buf.hi)
+    path = RunDir(spec.run_dir).chunk(spec.shard.name, buf.lo, buf.hi)
     guarded_write(path, lambda: shards.write_block(path, buf.to_block(dim, spec.dtype), attrs, dim, spec.dtype))
     stages["write"] += time.monotonic() - t
 
@@ -264,13 +243,25 @@ def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, 
 def _finalize(spec: ShardSpec) -> None:
     """Concatenate the chunk files (in row order) into the shard file, atomically, then drop the parts."""
     chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
-    parts = [str(shards.chunk_path(spec.run_dir, spec.shard.name, lo, hi)) for lo, hi in chunks]
+    parts = [str(RunDir(spec.run_dir).chunk(spec.shard.name, lo, hi)) for lo, hi in chunks]
     dim = int(shards.read_attrs(parts[0])["dim"]) if parts else int(spec.attrs.get("dim", 0))
-    attrs = dict(spec.attrs, dim=dim, shard_index=spec.shard.index, shard_count=spec.shard.count,
+    attrs = provenance(spec, dim=dim, shard_index=spec.shard.index, shard_count=spec.shard.count,
                  start=spec.shard.start, stop=spec.shard.stop, device=spec.shard.device)
-    final = shards.shard_path(spec.run_dir, spec.shard.name)
+    final = RunDir(spec.run_dir).shard(spec.shard.name)
     guarded_write(final, lambda: shards.concat_files(parts, str(final), attrs, dim, spec.dtype))
-    shards.remove_tree(shards.parts_dir(spec.run_dir, spec.shard.name))
+    shards.remove_tree(RunDir(spec.run_dir).parts(spec.shard.name))
+
+
+def finished_result(spec: ShardSpec) -> ShardResult:
+    """The result of a shard whose file is complete, read from the file (no model, no torch)."""
+    return _done_result(spec, RunDir(spec.run_dir).shard(spec.shard.name), time.monotonic())
+
+
+def provenance(spec: ShardSpec, **extra: Any) -> dict[str, Any]:
+    """The attributes of a chunk or shard file: the run's, the versions this worker runs with, and `extra`."""
+    from featshard.extract.models import library_versions
+
+    return dict(spec.attrs, versions=library_versions(), **extra)
 
 
 def _done_result(spec: ShardSpec, final: Any, t0: float, resumed: int | None = None, processed: int = 0,

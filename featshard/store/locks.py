@@ -15,55 +15,27 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from featshard.errors import FeatshardError
+from featshard.store.atomic import write_json_atomic
+from featshard.store.rundir import RunDir
+from featshard.system import create_time, pid_alive
 
 log = logging.getLogger("featshard.store.locks")
 TORN_GRACE = 5.0  # seconds an unreadable lock file is given to be finished by its writer
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return float(psutil.Process(pid).create_time())
-    except Exception:  # noqa: BLE001 - psutil missing, or no such process
-        return None
-
-
-def _pid_alive(pid: int, create_time: float | None = None) -> bool:
-    """True while `pid` runs (and, when `create_time` is known, is still the same process, not a reused pid)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 1.0
-    except Exception:  # noqa: BLE001 - psutil missing or the process just went away
-        return True
-
-
 class RunLock:
     def __init__(self, run_dir: str, node_rank: int = 0, stale_after: float = 300.0,
                  heartbeat: float = 30.0) -> None:
-        self.path = Path(run_dir) / "locks" / f"node-{node_rank:04d}.lock"
+        self.path = RunDir(run_dir).lock(node_rank)
         self.stale_after, self.heartbeat = stale_after, heartbeat
         pid = os.getpid()
         now = time.time()
         self.me = {"pid": pid, "host": socket.gethostname(), "since": now, "refreshed": now,
-                   "create_time": _create_time(pid)}
+                   "create_time": create_time(pid)}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,7 +53,7 @@ class RunLock:
             except OSError:
                 return True
         if info.get("host") == self.me["host"]:
-            return not _pid_alive(int(info.get("pid", -1)), info.get("create_time"))
+            return not pid_alive(int(info.get("pid", -1)), info.get("create_time"))
         last = float(info.get("refreshed") or info.get("since") or 0)
         return time.time() - last > self.stale_after
 
@@ -149,13 +121,10 @@ class RunLock:
         if not self._mine(self.holder()):
             return
         self.me["refreshed"] = time.time()
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(self.me), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, self.me)
         except OSError as exc:
             log.debug("cannot refresh %s: %s", self.path, exc)
-            tmp.unlink(missing_ok=True)
 
     def _mine(self, info: dict[str, Any] | None) -> bool:
         return bool(info) and info.get("pid") == self.me["pid"] and info.get("host") == self.me["host"]

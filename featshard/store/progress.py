@@ -5,19 +5,15 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
-from featshard.store.manifest import write_json_atomic
-
-
-def progress_path(run_dir: str | os.PathLike[str], shard_name: str) -> Path:
-    return Path(run_dir) / "shards" / f"{shard_name}.progress.json"
+from featshard.store.atomic import write_json_atomic
+from featshard.store.rundir import RunDir
 
 
 def read_progress(run_dir: str | os.PathLike[str], shard_name: str) -> dict[str, Any] | None:
     try:
-        return json.loads(progress_path(run_dir, shard_name).read_text(encoding="utf-8"))
+        return json.loads(RunDir(run_dir).progress(shard_name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -26,7 +22,7 @@ class Progress:
     """What one worker reports about its shard; `update` throttles writes to one per `every` seconds."""
 
     def __init__(self, run_dir: str, shard_name: str, device: str, rows_total: int, every: float = 2.0) -> None:
-        self.path = progress_path(run_dir, shard_name)
+        self.path = RunDir(run_dir).progress(shard_name)
         self.every = every
         self.last_write = 0.0
         self.state: dict[str, Any] = {

@@ -6,7 +6,6 @@ are held in memory. A kill at any instant leaves the file either as it was or fu
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,19 @@ import h5py
 import numpy as np
 
 from featshard.store import shards
+from featshard.store.atomic import write_atomic
 
 STREAM_ROWS = 16384  # rows of an existing file copied per step
 
 
 def rewrite_file(path: Path, outcome: dict[int, np.ndarray | str]) -> int:
     """Rewrite one shard or chunk file with the retry outcome, atomically; returns rows moved to features."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    moved: list[int] = []
+    write_atomic(path, lambda tmp: moved.append(_rewrite(path, tmp, outcome)))
+    return moved[0]
+
+
+def _rewrite(path: Path, tmp: str, outcome: dict[int, np.ndarray | str]) -> int:
     with h5py.File(path, "r") as src:
         f_rows = src["failed_rows"][...].astype(np.int64)
         f_names = list(src["failed_names"].asstr()[...])
@@ -41,7 +46,6 @@ def rewrite_file(path: Path, outcome: dict[int, np.ndarray | str]) -> int:
             shards.append(out["failed_names"], [f_names[i] for i in still])
             shards.append(out["failed_reasons"], [_reason(outcome.get(int(f_rows[i])), f_reasons[i]) for i in still])
             out.attrs["complete"] = True
-    shards.atomic_replace(tmp, str(path))
     return len(fixed)
 
 

@@ -13,13 +13,13 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from featshard.errors import FeatshardError
+from featshard.store.atomic import write_atomic
 
 STR = h5py.string_dtype("utf-8")
 DATASETS = ("names", "rows", "features", "failed_rows", "failed_names", "failed_reasons")
@@ -54,20 +54,6 @@ def _to_attr(value: Any) -> Any:
     return value
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_replace(tmp: str, final: str) -> None:
-    """fsync `tmp`, rename it over `final`, fsync the folder: after this returns the file survives a crash."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
 def _create(h5: h5py.File, name: str, data: Any, dtype: Any, dim: int | None = None) -> None:
@@ -79,10 +65,13 @@ def _create(h5: h5py.File, name: str, data: Any, dtype: Any, dim: int | None = N
 
 
 def write_block(path: str | os.PathLike[str], block: Block, attrs: dict[str, Any], dim: int, dtype: str) -> None:
-    """Write one block as a complete file, atomically (temp + fsync + rename)."""
-    path = str(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write one block as a complete file, atomically (featshard.store.atomic), read back before the rename."""
     feats = np.asarray(block.features, dtype=dtype).reshape(-1, dim)
+    write_atomic(path, lambda tmp: _write_block(tmp, block, feats, attrs))
+
+
+def _write_block(tmp: str, block: Block, feats: np.ndarray, attrs: dict[str, Any]) -> None:
+    dim, dtype = feats.shape[1], feats.dtype
     with h5py.File(tmp, "w") as h5:
         _create(h5, "names", [clean_text(n) for n in block.names], STR)
         _create(h5, "rows", np.asarray(block.rows, np.int64), np.int64)
@@ -94,12 +83,18 @@ def write_block(path: str | os.PathLike[str], block: Block, attrs: dict[str, Any
             h5.attrs[key] = _to_attr(value)
         h5.attrs["complete"] = True
     _check_written(tmp, [(0, np.asarray(block.rows, np.int64), feats)])
-    atomic_replace(tmp, path)
 
 
-def concat_files(parts: Sequence[str], final: str, attrs: dict[str, Any], dim: int, dtype: str) -> int:
-    """Stream several block files into one shard file (one part in memory at a time); returns feature rows."""
-    tmp = f"{final}.tmp-{os.getpid()}"
+def concat_files(parts: Sequence[str], final: str | os.PathLike[str], attrs: dict[str, Any], dim: int,
+                 dtype: str) -> int:
+    """Stream several block files into one shard file (one part in memory at a time), atomically; returns the
+    number of feature rows."""
+    total: list[int] = []
+    write_atomic(final, lambda tmp: total.append(_concat(tmp, parts, attrs, dim, dtype)))
+    return total[0]
+
+
+def _concat(tmp: str, parts: Sequence[str], attrs: dict[str, Any], dim: int, dtype: str) -> int:
     total = 0
     with h5py.File(tmp, "w") as out:
         for key, value in attrs.items():
@@ -116,7 +111,6 @@ def concat_files(parts: Sequence[str], final: str, attrs: dict[str, Any], dim: i
                 total += src["rows"].shape[0]
         out.attrs["complete"] = True
     _check_parts(tmp, parts)
-    atomic_replace(tmp, final)
     return total
 
 
@@ -191,13 +185,15 @@ def iter_features(path: str | os.PathLike[str], batch_rows: int = 65536) -> Iter
             yield h5["rows"][lo:hi], h5["features"][lo:hi]
 
 
-def names_for_rows(path: str | os.PathLike[str], rows: np.ndarray) -> list[str | None]:
-    """Look names up by row number in one shard (rows ascending there); None for a row not stored as a feature."""
+def names_for_rows(path: str | os.PathLike[str], rows: np.ndarray, failed: bool = False) -> list[str | None]:
+    """Look names up by row number in one shard (rows ascending there); None for a row not stored as a feature
+    (with `failed=True`: among the failed rows instead)."""
+    rows_key, names_key = ("failed_rows", "failed_names") if failed else ("rows", "names")
     with h5py.File(path, "r") as h5:
-        stored = h5["rows"]
+        stored = h5[rows_key]
         all_rows = stored[...] if stored.shape[0] <= 4_000_000 else None
         out: list[str | None] = []
-        names = h5["names"].asstr()
+        names = h5[names_key].asstr()
         for row in np.asarray(rows, np.int64):
             pos = int(np.searchsorted(all_rows, row)) if all_rows is not None else _bisect(stored, int(row))
             ok = pos < stored.shape[0] and int(stored[pos]) == int(row)
@@ -214,22 +210,6 @@ def _bisect(ds: h5py.Dataset, row: int) -> int:
         else:
             hi = mid
     return lo
-
-
-def shards_dir(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / "shards"
-
-
-def shard_path(run_dir: str | os.PathLike[str], name: str) -> Path:
-    return shards_dir(run_dir) / f"{name}.h5"
-
-
-def parts_dir(run_dir: str | os.PathLike[str], name: str) -> Path:
-    return shards_dir(run_dir) / f"{name}.parts"
-
-
-def chunk_path(run_dir: str | os.PathLike[str], name: str, lo: int, hi: int) -> Path:
-    return parts_dir(run_dir, name) / f"chunk-{lo:012d}-{hi:012d}.h5"
 
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
@@ -250,15 +230,13 @@ class WriteError(FeatshardError):
 
 
 def guarded_write(path: str | os.PathLike[str], write: Callable[[], Any]) -> Any:
-    """Run `write` (which writes `path` via `path.tmp-<pid>`); turn a failed write (h5py raises OSError or, when
-    closing, RuntimeError) into a WriteError that says how to go on, after removing the partial temp file (it may be
-    what filled the disk)."""
+    """Run `write` (which writes `path` through featshard.store.atomic, whose temp file is removed on failure); turn a
+    failed write (h5py raises OSError or, when closing, RuntimeError) into a WriteError that says how to go on."""
     try:
         return write()
     except (OSError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and "errno" not in str(exc):
             raise  # not a write error (e.g. torch reporting a dead loader process)
-        Path(f"{path}.tmp-{os.getpid()}").unlink(missing_ok=True)
         raise WriteError(f"cannot write {path}: {_describe(exc)}. No shard was marked complete; free space (or fix "
                          "the file system), then rerun the same command: it resumes from the finished chunks") from None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from featshard.errors import FeatshardError
+from featshard.store.atomic import write_atomic
 
 log = logging.getLogger("featshard.store.tarindex")
 
@@ -104,10 +105,7 @@ def _check_unchanged(ref: TarRef) -> None:
 
 
 def _write_index(ref: TarRef, path: Path) -> None:
-    from featshard.store.shards import atomic_replace
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(" " * (HEADER_WIDTH - 1) + "\n")
             scan = TarScan(ref.path)
@@ -119,10 +117,8 @@ def _write_index(ref: TarRef, path: Path) -> None:
                                  "samples": count, "problem": scan.problem[:500]})
             fh.seek(0)
             fh.write(header.ljust(HEADER_WIDTH - 1))
-        atomic_replace(tmp, str(path))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomic(path, write)
 
 
 class TarScan:

@@ -13,8 +13,6 @@ on resnet50.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import resource
@@ -23,43 +21,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 from featshard.tools import benchstages as bs
-from featshard.errors import UsageError
+from featshard.store.atomic import write_json_atomic
+from featshard.tools.config import BenchConfig
 from featshard.runner.runtime import tune_process_env
+from featshard.system import cores
 
 log = logging.getLogger("featshard.tools.bench")
 TARGETS = {"seed": {"mobilenet_v2": 3.0, "resnet50": 2.5}, "plain": {"resnet50": 2.0}, "bound": 0.9}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench-out", help="output folder (data set, runs, bench.json, bench.png)")
-    p.add_argument("--images", type=int, default=400, help="images in the generated set (default 400)")
-    p.add_argument("--models", default="mobilenet_v2,resnet50", help="comma-separated torchvision model names")
-    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; the median is reported")
-    p.add_argument("--seconds", type=float, default=4.0, help="minimum seconds per model-only measurement")
-    p.add_argument("--gpus", default=None, help="devices for `run` (default: all GPUs, else cpu)")
-    p.add_argument("--fidelity-images", type=int, default=64, help="images for the fidelity check (0: skip)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (slow first compile)")
-    p.add_argument("--index", type=int, default=0, metavar="N", help="also run the index bench on N vectors")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: 16 images, 1 repeat, "
-                   "mobilenet_v2, no compile, 8 fidelity images")
-
-
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    if args.quick:
-        args.images, args.repeats, args.seconds = min(args.images, 16), 1, 0.5
-        args.models, args.no_compile, args.fidelity_images = "mobilenet_v2", True, min(args.fidelity_images, 8)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.images < 1 or args.repeats < 1 or not models:
-        raise UsageError("--images and --repeats must be >= 1 and --models must name a model")
-    from featshard.runner.devices import parse_gpus
+def settings(config: BenchConfig) -> dict[str, Any]:
     from featshard.extract.models import check_model_name
+    from featshard.runner.devices import parse_gpus
 
-    for m in models:
+    for m in config.model_list:
         check_model_name(m)
-    devices = parse_gpus(args.gpus)
-    return {"images": args.images, "repeats": args.repeats, "models": models, "seconds": args.seconds,
-            "device": "cuda" if devices[0].kind == "cuda" else "cpu", "gpus": args.gpus or "",
-            "compile": not args.no_compile and devices[0].kind == "cpu", "fidelity_images": args.fidelity_images}
+    devices = parse_gpus(config.gpus)
+    return {"images": config.images, "repeats": config.repeats, "models": config.model_list,
+            "seconds": config.seconds, "device": "cuda" if devices[0].kind == "cuda" else "cpu",
+            "gpus": config.gpus or "", "compile": config.compile and devices[0].kind == "cpu",
+            "fidelity_images": config.fidelity_images}
 
 
 def summarize_runs(runs: list[dict[str, Any]], key: str = "images_per_s") -> dict[str, Any]:
@@ -91,7 +72,7 @@ def machine() -> dict[str, Any]:
 
     from featshard.extract.models import cpu_has_bf16
 
-    info = {"cores": bs.cores(), "cpu": _cpu_name(), "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(),
+    info = {"cores": cores(), "cpu": _cpu_name(), "cpu_bf16": cpu_has_bf16(), "python": platform.python_version(),
             "torch": torch.__version__, "pillow": PIL.__version__, "pillow_simd": "post" in PIL.__version__,
             "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")), "load_avg_start": os.getloadavg()}
     if torch.cuda.is_available():
@@ -112,7 +93,7 @@ def bench_model(name: str, cfg: dict[str, Any], lst: Path, paths: list[str], out
 
     prep = preprocess_for(name, "none")
     precision, dev = resolve_precision("auto", cfg["device"]), cfg["device"]
-    n, r, procs = len(paths), cfg["repeats"], bs.cores()
+    n, r, procs = len(paths), cfg["repeats"], cores()
     batch = 128 if dev == "cuda" else 32
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
         f"decode_{mode}": (lambda m=mode: bs.decode_rate(paths, prep, m, procs)) for mode in ("exact", "fast")}
@@ -174,16 +155,18 @@ def index_bench(out: Path, n: int) -> dict[str, Any]:
     return res if isinstance(res, dict) else {"result": str(res)}
 
 
-def command(args: argparse.Namespace) -> int:
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """`featshard bench` as a function: measure, write OUT/bench.json and OUT/bench.png, return bench.json's dict
+    (`featshard.tools.benchreport.table(result)` renders it)."""
     from featshard.tools.benchdata import build_set
     from featshard.tools.benchfidelity import below_floor, fidelity
-    from featshard.tools.benchreport import plot, table
+    from featshard.tools.benchreport import plot
 
-    cfg = settings(args)
+    cfg = settings(config)
     # every measurement (each in its own process) gets the OpenMP setting `run` gives its workers, so that
     # spin-waiting threads on a busy machine do not inflate featshard's ratios against the seed loop and DataLoader
     cfg["tuned_env"] = tune_process_env()
-    out = Path(args.out).resolve()
+    out = Path(config.out).resolve()
     lst = build_set(out / "data", cfg["images"])
     paths = [str(out / "data" / line.strip()) for line in lst.read_text(encoding="utf-8").splitlines()]
     result: dict[str, Any] = {"machine": machine(), "settings": cfg, "models": {}}
@@ -196,15 +179,14 @@ def command(args: argparse.Namespace) -> int:
                                       "cuda:0" if cfg["device"] == "cuda" else "cpu",
                                       result["models"][first]["precision"], cfg["compile"])
         result["fidelity"]["below_floor"] = below_floor(result["fidelity"])
-    if args.index > 0:
-        result["index"] = index_bench(out, args.index)
+    if config.index > 0:
+        result["index"] = index_bench(out, config.index)
     result["machine"]["load_avg_end"] = os.getloadavg()
     result["bench_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    (out / "bench.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(table(result))
+    write_json_atomic(out / "bench.json", result)
     plot(result, out / "bench.png")
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
-    return 0
+    log.info("wrote %s and %s", out / "bench.json", out / "bench.png")
+    return result
 
 
 def _prep(name: str) -> Any:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from featshard.store.atomic import write_atomic, write_json_atomic
 
 log = logging.getLogger("featshard.tools.benchdata")
 
@@ -110,14 +111,13 @@ def _plan(n: int, seed: int) -> list[tuple[int, int, str]]:
 
 
 def _save(img: Image.Image, path: Path, fmt: str, rng: np.random.Generator) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     if fmt == "PNG":
-        img.save(tmp, "PNG", compress_level=6)
-    else:
-        if rng.random() < 0.05:
-            img = img.convert("L")
-        img.save(tmp, "JPEG", quality=int(rng.integers(80, 96)), progressive=bool(rng.random() < 0.2))
-    os.replace(tmp, path)
+        write_atomic(path, lambda tmp: img.save(tmp, "PNG", compress_level=6))
+        return
+    if rng.random() < 0.05:
+        img = img.convert("L")
+    quality, progressive = int(rng.integers(80, 96)), bool(rng.random() < 0.2)
+    write_atomic(path, lambda tmp: img.save(tmp, "JPEG", quality=quality, progressive=progressive))
 
 
 def build_set(out: Path, n: int, seed: int = 0) -> Path:
@@ -136,10 +136,10 @@ def build_set(out: Path, n: int, seed: int = 0) -> Path:
         lines.append(f"images/{path.name}")
         if (i + 1) % 100 == 0:
             log.info("bench set: %d/%d images", i + 1, n)
-    lst.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    write_atomic(lst, "".join(f"{line}\n" for line in lines))
     sizes = [(out / line).stat().st_size for line in lines]
     stats = {"files": n, "bytes": int(sum(sizes)), "png": sum(line.endswith(".png") for line in lines),
              "base_photos": len(photos)}
-    meta.write_text(json.dumps({"recipe": recipe, "stats": stats}, indent=2), encoding="utf-8")
+    write_json_atomic(meta, {"recipe": recipe, "stats": stats})
     log.info("bench set: %d images, %.1f MB in %s", n, sum(sizes) / 1e6, out)
     return lst

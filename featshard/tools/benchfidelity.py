@@ -64,17 +64,16 @@ def device_decode_features(model: str, weights: str, prep: Preprocess, paths: Se
 
     from featshard.extract.extractor import Extractor
     from featshard.store.inputs import Item
-    from featshard.extract.loader import make_loader
     from featshard.extract.models import ModelSpec
 
     prep = replace(prep, decode="gpu")
-    ext = Extractor(ModelSpec(model, weights, precision="fp32"), prep, device)
+    ext = Extractor(ModelSpec(model, weights, precision="fp32"), prep, device, device_decode=True)
     items = [Item(i, p, p) for i, p in enumerate(paths)]
     batches = [items[i: i + batch] for i in range(0, len(items), batch)]
     out = []
     with torch.inference_mode():
-        for b in make_loader(batches, prep, 0, pin=False, device_decode=True):
-            out.append(ext.forward_device(ext.batch_to_device(b)).cpu().numpy())
+        for b in ext.loader(batches, 0):
+            out.append(ext.features(b))
     return np.concatenate(out)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from featshard.store.atomic import write_atomic
+
 
 def label(key: str, row: dict[str, Any]) -> str:
     """Human name of a measured row."""
@@ -107,5 +109,5 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{name} ({m['precision']}): images/s, median of runs; dashed = stage bound", fontsize=10)
         ax.set_xlim(0, max(rates) * 1.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -7,13 +7,8 @@ wheel and checked against a known sha256.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
-import io
-import json
 import logging
 import re
 import shutil
@@ -21,9 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from featshard.errors import FeatshardError, UsageError
+from featshard.tools.config import DemoConfig
+from featshard.store.atomic import write_atomic
+from featshard.system import sha256_file
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from featshard.index.search import QueryResult
+    from featshard.runner.report import RunSummary
 
 log = logging.getLogger("featshard.tools.demo")
 
@@ -114,23 +115,10 @@ def build_demo_set(out: Path, limit: int | None = None) -> list[str]:
             target = images / f"{name}__{variant}.jpg"
             edited.save(target, format="JPEG", quality=10 if variant == "jpeg-q10" else 90)
             lines.append(f"images/{target.name}")
-    _write_atomic(out / "list.txt", "".join(f"{line}\n" for line in lines))
+    write_atomic(out / "list.txt", "".join(f"{line}\n" for line in lines))
     log.info("demo set: %d photos, %d images in %s", len(sources), len(lines), images)
     return lines
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights(path: Path, expected: str = WEIGHTS_SHA256) -> Path:
@@ -157,19 +145,6 @@ def weights_file() -> Path:
     return verify_weights(matches[0].resolve())
 
 
-def _cli(argv: list[str], capture: bool = False) -> str:
-    """Run one featshard command in this process; raise FeatshardError when it exits non-zero."""
-    from featshard.cli import main
-
-    log.info("featshard %s", " ".join(argv))
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
-        code = main(argv)
-    if code != 0:
-        command_line = " ".join(argv)
-        raise FeatshardError(f"demo step `featshard {command_line}` failed with exit status {code}; see the log above")
-    return buffer.getvalue()
-
 
 def _prepare_out(out: Path) -> None:
     """Make OUT a demo folder: create it, or reuse one an earlier demo made; never clobber anything else."""
@@ -190,35 +165,23 @@ def default_queries(lines: list[str]) -> list[str]:
     return list(dict.fromkeys(q for q in wanted if q in names))
 
 
-def format_results(results: list[dict]) -> str:
-    """A readable table of `search --json` output: query, then rank, name and score of each match."""
+def format_results(results: list[QueryResult]) -> str:
+    """A readable table of search results: query, then rank, name and score of each match."""
     out: list[str] = []
     for entry in results:
-        query = Path(entry["query"]).name
+        query = Path(entry.query).name
         out.append(f"query: {query}")
-        for rank, hit in enumerate(entry["results"], 1):
-            name = Path(hit["name"]).name
+        for rank, hit in enumerate(entry.results, 1):
+            name = Path(hit.name).name
             note = "  (the query itself)" if name == query else ""
-            out.append(f"  {rank:>2}. {name:<34} {hit['score']:.3f}{note}")
+            out.append(f"  {rank:>2}. {name:<34} {hit.score:.3f}{note}")
         out.append("")
     return "\n".join(out)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo-out", help="demo folder: images/, list.txt, run/ (default: demo-out)")
-    parser.add_argument("--gpus", default=None,
-                        help="devices as for `run` (default: all visible GPUs, else cpu)")
-    parser.add_argument("--query", action="append", default=None, metavar="NAME",
-                        help="image name in OUT/images (or any image path) to search for; repeatable "
-                             "(default: a crop and a recolour from the set)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="use only the first N source photos (a quicker, smaller demo)")
-    parser.add_argument("-k", type=int, default=5, help="matches to show per query (default: 5)")
-
-
-def _query_paths(args: argparse.Namespace, out: Path, lines: list[str]) -> list[Path]:
+def _query_paths(config: DemoConfig, out: Path, lines: list[str]) -> list[Path]:
     paths: list[Path] = []
-    for query in args.query or default_queries(lines):
+    for query in config.query or default_queries(lines):
         path = out / "images" / query
         path = path if path.is_file() else Path(query)
         if not path.is_file():
@@ -227,36 +190,31 @@ def _query_paths(args: argparse.Namespace, out: Path, lines: list[str]) -> list[
     return paths
 
 
-def command(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be >= 1")
+def demo(config: DemoConfig) -> str:
+    """`featshard demo` as a function: build the set, run -> merge -> search; returns the text the CLI prints."""
+    from featshard.index.config import MergeConfig, SearchConfig
+    from featshard.index.merge import merge_run
+    from featshard.index.search import search_run
+    from featshard.runner.config import RunConfig
+    from featshard.runner.coordinator import run_job
     from featshard.runner.devices import parse_gpus
 
-    devices = parse_gpus(args.gpus)
+    devices = parse_gpus(config.gpus)
     weights = weights_file()
-    out = Path(args.out)
+    out = Path(config.out)
     _prepare_out(out)
-    lines = build_demo_set(out, args.limit)
-    queries = _query_paths(args, out, lines)
-    run_dir = out / "run"
-    run_argv = ["run", "--input", str(out / "list.txt"), "--out", str(run_dir),
-                "--model", "mobilenet_v2", "--weights", str(weights)]
-    _cli(run_argv + (["--gpus", args.gpus] if args.gpus else []))
-    _cli(["merge", str(run_dir)])
-    search_argv = ["search", str(run_dir), "-k", str(args.k), "--json"]
-    for path in queries:
-        search_argv += ["--image", str(path)]
-    results = json.loads(_cli(search_argv, capture=True))
-    print(format_results(results))
-    print(_summary_line(run_dir, len(lines), ", ".join(str(d) for d in devices)))
-    return 0
+    lines = build_demo_set(out, config.limit)
+    queries = _query_paths(config, out, lines)
+    run_dir = str(out / "run")
+    summary = run_job(RunConfig(str(out / "list.txt"), run_dir, gpus=config.gpus, model="mobilenet_v2",
+                                weights=str(weights)))
+    merge_run(MergeConfig(run_dir))
+    results = search_run(SearchConfig(run_dir, images=[str(q) for q in queries], k=config.k))
+    devices_text = ", ".join(str(d) for d in devices)
+    return format_results(results) + "\n" + _summary_line(Path(run_dir), len(lines), summary, devices_text)
 
 
-def _summary_line(run_dir: Path, n_images: int, devices: str) -> str:
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    ok, failed = summary.get("ok", "?"), summary.get("failed", "?")
-    speed = summary.get("images_per_s")
-    speed_text = f"{speed:.1f} images/s" if isinstance(speed, (int, float)) else "? images/s"
-    return (f"demo: {n_images} images ({ok} ok, {failed} failed), {speed_text} on {devices}; "
+def _summary_line(run_dir: Path, n_images: int, summary: RunSummary, devices: str) -> str:
+    return (f"demo: {n_images} images ({summary.ok} ok, {summary.failed} failed), {summary.images_per_s:.1f} "
+            f"images/s on {devices}; "
             f"shards in {run_dir / 'shards'}, index in {run_dir / 'index'}, images in {run_dir.parent / 'images'}")

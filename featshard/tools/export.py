@@ -15,7 +15,6 @@ unless `--overwrite`.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,11 +25,12 @@ import numpy as np
 
 from featshard.errors import UsageError
 from featshard.index.vectors import ShardRef, Source, batch_rows_for, check_source, read_rows, source_of
-from featshard.store.manifest import load_manifest, write_json_atomic
-from featshard.store.shards import atomic_replace
+from featshard.store.atomic import write_atomic, write_json_atomic
+from featshard.store.manifest import load_manifest
+from featshard.tools.config import EXPORT_FORMATS as FORMATS
+from featshard.tools.config import ExportConfig
 
 log = logging.getLogger("featshard.tools.export")
-FORMATS = ("clip-retrieval", "parquet")
 EXPORT_BATCH = 65536  # rows per slice at most
 EXPORT_BYTES = 16 << 20  # and about this many bytes of vectors (measured: RSS grows ~2.5x the slice's bytes)
 _PATTERNS = ("img_emb/img_emb_*.npy", "metadata/metadata_*.parquet", "embeddings_*.parquet", "export.json")
@@ -49,19 +49,9 @@ class ExportResult:
         return asdict(self)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
-    p.add_argument("--format", dest="fmt", required=True, choices=FORMATS,
-                   help="clip-retrieval: img_emb/*.npy + metadata/*.parquet; parquet: row, name, embedding")
-    p.add_argument("--out", required=True, help="folder to write (created)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous export in --out")
-
-
-def command(args: argparse.Namespace) -> int:
-    result = export(args.run_dir, args.fmt, args.out, overwrite=args.overwrite)
-    print(f"exported {result.rows} vectors (dim {result.dim}, {result.dtype}) as {result.format} into {result.out} "
-          f"({len(result.files)} files)")
-    return 0
+def export_run(config: ExportConfig) -> ExportResult:
+    """`featshard export` / `featshard.export(...)`."""
+    return export(config.run_dir, config.format, config.out, overwrite=config.overwrite)
 
 
 def export(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str],
@@ -122,13 +112,19 @@ def _clip_retrieval(ref: ShardRef, i: int, dest: Path, dtype: str) -> list[str]:
 
     npy, meta = f"img_emb/img_emb_{i}.npy", f"metadata/metadata_{i}.parquet"
     schema = pa.schema([("image_path", pa.string()), ("row", pa.int64())])
-    with _Atomic(dest / npy) as npy_tmp, _Atomic(dest / meta) as meta_tmp, _ParquetOut(meta_tmp, schema) as writer:
-        with open(npy_tmp, "wb") as fh:
-            _npy_header(fh, ref, dtype)
-            for rows, names, feats in _slices(ref, _dim(ref)):
-                np.ascontiguousarray(feats, dtype=dtype).tofile(fh)
-                writer.write(pa.record_batch([pa.array(names, pa.string()), pa.array(rows, pa.int64())],
-                                             schema=schema))
+
+    def write_meta(meta_tmp: str) -> None:
+        def write_npy(npy_tmp: str) -> None:
+            with open(npy_tmp, "wb") as fh, _ParquetOut(meta_tmp, schema) as writer:
+                _npy_header(fh, ref, dtype)
+                for rows, names, feats in _slices(ref, _dim(ref)):
+                    np.ascontiguousarray(feats, dtype=dtype).tofile(fh)
+                    writer.write(pa.record_batch([pa.array(names, pa.string()), pa.array(rows, pa.int64())],
+                                                 schema=schema))
+
+        write_atomic(dest / npy, write_npy)  # one pass over the shard writes both files
+
+    write_atomic(dest / meta, write_meta)
     return [npy, meta]
 
 
@@ -138,11 +134,14 @@ def _parquet(ref: ShardRef, i: int, dest: Path, dtype: str) -> list[str]:
     name, dim = f"embeddings_{i}.parquet", _dim(ref)
     value_type = pa.float16() if dtype == "float16" else pa.float32()
     schema = pa.schema([("row", pa.int64()), ("name", pa.string()), ("embedding", pa.list_(value_type, dim))])
-    with _Atomic(dest / name) as tmp, _ParquetOut(tmp, schema) as writer:
-        for rows, names, feats in _slices(ref, dim):
-            flat = pa.array(np.ascontiguousarray(feats, dtype=dtype).ravel(), value_type)
-            writer.write(pa.record_batch([pa.array(rows, pa.int64()), pa.array(names, pa.string()),
-                                          pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema))
+    def write(tmp: str) -> None:
+        with _ParquetOut(tmp, schema) as writer:
+            for rows, names, feats in _slices(ref, dim):
+                flat = pa.array(np.ascontiguousarray(feats, dtype=dtype).ravel(), value_type)
+                writer.write(pa.record_batch([pa.array(rows, pa.int64()), pa.array(names, pa.string()),
+                                              pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema))
+
+    write_atomic(dest / name, write)
     return [name]
 
 
@@ -161,22 +160,6 @@ def _npy_header(fh: Any, ref: ShardRef, dtype: str) -> None:
         shape = tuple(int(x) for x in h5["features"].shape)
     np.lib.format.write_array_header_1_0(
         fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
-
-
-class _Atomic:
-    """`with _Atomic(final) as tmp:` write tmp; on success fsync + rename onto final, else remove tmp."""
-
-    def __init__(self, final: Path) -> None:
-        self.final, self.tmp = final, f"{final}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> str:
-        return self.tmp
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            atomic_replace(self.tmp, str(self.final))
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
 
 
 class _ParquetOut:

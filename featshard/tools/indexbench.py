@@ -11,7 +11,6 @@ and the ratio merge / plain time (target <= 1.2).
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -20,6 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from featshard.store.atomic import write_json_atomic
+from featshard.index.faissutil import apply_params
+from featshard.index.recall import recall_at
+from featshard.index.spec import make_index
 
 log = logging.getLogger("featshard.tools.indexbench")
 
@@ -49,7 +53,8 @@ def write_run(run_dir: Path, n: int, dim: int, seed: int, n_shards: int = 4) -> 
     """A finished run in the real layout: chunk files per shard, concatenated into shard files, a manifest."""
     from featshard.store.manifest import write_manifest
     from featshard.store.plan import shard_name, split_rows
-    from featshard.store.shards import Block, concat_files, parts_dir, remove_tree, shard_path, write_block
+    from featshard.store.rundir import RunDir
+    from featshard.store.shards import Block, concat_files, remove_tree, write_block
 
     (run_dir / "shards").mkdir(parents=True, exist_ok=True)
     ranges = split_rows(n, n_shards)
@@ -59,7 +64,7 @@ def write_run(run_dir: Path, n: int, dim: int, seed: int, n_shards: int = 4) -> 
         for i, (s_lo, s_hi) in enumerate(ranges):
             a, b = max(lo, s_lo), min(lo + len(x), s_hi)
             if a < b:
-                folder = parts_dir(run_dir, shard_name(i, n_shards))
+                folder = RunDir(run_dir).parts(shard_name(i, n_shards))
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"chunk-{a:012d}-{b:012d}.h5"
                 write_block(path, Block(np.arange(a, b), [f"v{r}" for r in range(a, b)], x[a - lo:b - lo]),
@@ -68,8 +73,8 @@ def write_run(run_dir: Path, n: int, dim: int, seed: int, n_shards: int = 4) -> 
     for i, (s_lo, s_hi) in enumerate(ranges):
         name = shard_name(i, n_shards)
         meta = {**attrs, "shard_index": i, "shard_count": n_shards, "start": s_lo, "stop": s_hi}
-        concat_files(parts[i], str(shard_path(run_dir, name)), meta, dim, "float32")
-        remove_tree(parts_dir(run_dir, name))
+        concat_files(parts[i], RunDir(run_dir).shard(name), meta, dim, "float32")
+        remove_tree(RunDir(run_dir).parts(name))
     plan = [{"index": i, "count": n_shards, "start": a, "stop": b, "node": 0, "device": "cpu"}
             for i, (a, b) in enumerate(ranges)]
     write_manifest(run_dir, {"rows": n, "fingerprint": attrs["fingerprint"], "plan": plan,
@@ -109,11 +114,11 @@ def load_all(run_dir: str, n: int, dim: int) -> np.ndarray:
 
     from featshard.store.manifest import load_manifest
     from featshard.store.plan import shard_name
-    from featshard.store.shards import shard_path
+    from featshard.store.rundir import RunDir
 
     x = np.empty((n, dim), np.float32)
     for s in load_manifest(run_dir)["plan"]:
-        with h5py.File(shard_path(run_dir, shard_name(s["index"], s["count"])), "r") as h5:
+        with h5py.File(RunDir(run_dir).shard(shard_name(s["index"], s["count"])), "r") as h5:
             x[h5["rows"][...]] = h5["features"][...]
     return x
 
@@ -124,14 +129,13 @@ def plain_job(run_dir: str, n: int, dim: int, seed: int, spec: str, train_size: 
     import faiss
 
     from featshard.index import reader as fx
-    from featshard.index import merge
 
     _threads(threads)
     base = _rss()
     started = time.perf_counter()
     x = load_all(run_dir, n, dim)
     loaded = time.perf_counter()
-    index = merge.make_index(spec, dim, "ip")
+    index = make_index(spec, dim, "ip")
     if not index.is_trained:
         index.train(x[np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))])
     index.add_with_ids(x, np.arange(n, dtype=np.int64))
@@ -141,10 +145,10 @@ def plain_job(run_dir: str, n: int, dim: int, seed: int, spec: str, train_size: 
     index_bytes = plain_file.stat().st_size
     plain_file.unlink()
     done = time.perf_counter()
-    fx.apply_params(index, params)
+    apply_params(index, params)
     queries = x[np.sort(np.random.default_rng(seed + 1).choice(n, 1000, replace=False))]
     truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
-    recall = fx.recall_at(index.search(queries, 10)[1], truth)
+    recall = recall_at(index.search(queries, 10)[1], truth)
     return {"kind": "plain", "spec": spec, "seconds": round(done - started, 3),
             "load_seconds": round(loaded - started, 3),
             "faiss_seconds": round(built - loaded, 3), "write_seconds": round(done - built, 3),
@@ -194,7 +198,7 @@ def run_index_bench(out_dir: str | os.PathLike[str], n: int = 200_000, dim: int 
     threads: faiss OpenMP threads in both (default faiss's own); 1 gives steadier timings on a shared box.
     The synthetic run (shards + index) is deleted afterwards unless keep_run.
     """
-    from featshard.index.merge import nlist_for
+    from featshard.index.spec import nlist_for
     from featshard.store.shards import remove_tree
 
     out = Path(out_dir)
@@ -212,7 +216,7 @@ def run_index_bench(out_dir: str | os.PathLike[str], n: int = 200_000, dim: int 
         print(f"{r['spec']}: merge {r['seconds']:.2f} s / plain {p['seconds']:.2f} s (load {p['load_seconds']:.2f} + "
               f"faiss {p['faiss_seconds']:.2f} + write {p['write_seconds']:.2f}) = {r['ratio_vs_plain']:.2f}x "
               f"(target <= 1.2); vs faiss alone {r['ratio_vs_plain_faiss_only']:.2f}x")
-    (out / "index_bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "index_bench.json", result)
     if not keep_run:
         remove_tree(run_dir)
     return result
