@@ -161,3 +161,14 @@ def test_autofaiss_opq_ivf_pq_index_over_the_export(tmp_path: Path) -> None:
     assert info["ntotal"] == 2000 and info["index_key"] == "OPQ16_64,IVF16,PQ16x8"
     cos = np.sum(vectors * vectors[found], axis=1)
     assert np.mean(cos > 0.9) > 0.95, np.mean(cos > 0.9)
+
+
+def test_python_api_and_its_config(run: Path, tmp_path: Path) -> None:
+    import featshard
+
+    result = featshard.export(str(run), format="parquet", out=str(tmp_path / "api"))
+    assert (result.rows, result.format) == (N - len(FAILED), "parquet")
+    assert sorted(result.files) == ["embeddings_0.parquet", "embeddings_1.parquet", "embeddings_2.parquet",
+                                    "export.json"]
+    with pytest.raises(UsageError, match="--format 'npy'"):
+        featshard.ExportConfig(run_dir=str(run), format="npy", out=str(tmp_path / "x"))
