@@ -32,12 +32,16 @@ SLURM_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install eco-venv install-simd demo test lint bench clean distclean slurm-dry-run slurm-submit slurm-vars
+# make serve RUN=demo-out/run SERVE_ARGS='--port 8000 --gpus 0'
+RUN ?=
+SERVE_ARGS ?=
+
+.PHONY: help install eco-venv install-simd install-browser demo test lint bench serve clean distclean slurm-dry-run slurm-submit slurm-vars
 
 help:  ## list the targets (this text)
 	@echo "featshard: make TARGET"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/  \1\t\2/' | expand -t 18
-	@echo "variables: DEMO_ARGS PYTEST_ARGS BENCH_ARGS RUFF_ARGS INPUT OUT NODES GPUS SLURM_ARGS PYTHON VENV"
+	@echo "variables: DEMO_ARGS PYTEST_ARGS BENCH_ARGS RUFF_ARGS INPUT OUT NODES GPUS SLURM_ARGS RUN SERVE_ARGS PYTHON VENV"
 
 install: $(STAMP)  ## create .venv and install featshard with its test and demo extras (once)
 
@@ -67,6 +71,18 @@ lint: install  ## ruff check featshard tests examples (installs ruff into .venv)
 bench: install  ## featshard bench: decode, model and end-to-end throughput side by side
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PY) -m featshard bench $(BENCH_ARGS)
+
+serve: install  ## featshard serve: search service + gallery at http://127.0.0.1:8000/ (RUN=DIR [SERVE_ARGS=...])
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=DIR [SERVE_ARGS='--port 8000 --gpus 0 --host 0.0.0.0']" >&2; exit 2; }
+	$(PY) -m featshard serve '$(RUN)' $(SERVE_ARGS)
+
+# the gallery's browser tests (tests/test_serve_browser.py) drive Debian's chromium through its chromedriver
+BROWSER_APT := chromium chromium-driver
+install-browser:  ## apt-get install chromium chromium-driver (as root; once) for the gallery's browser tests
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_APT) >/dev/null; } || \
+	{ echo "install-browser: run sudo apt-get install -y $(BROWSER_APT)" >&2; exit 1; }
+	@chromium --version 2>/dev/null && chromedriver --version
 
 SIMD_VERSION ?= 12.1.1.post0
 SIMD_APT := libjpeg-dev zlib1g-dev libpng-dev libtiff-dev libwebp-dev liblcms2-dev libopenjp2-7-dev libfreetype-dev

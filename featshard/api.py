@@ -1,5 +1,6 @@
 """The Python API: one function per command, taking the command's options as keywords (the fields of its config
-dataclass, the same names and defaults as the command line) or a ready config (`run(config=RunConfig(...))`).
+dataclass, the same names and defaults as the command line), or a ready config:
+`featshard.run.with_config(RunConfig(...))`.
 
 ```python
 import featshard
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 from featshard.index.config import AddConfig, DedupConfig, MergeConfig, SearchConfig
 from featshard.options import takes
 from featshard.runner.config import RunConfig, StatusConfig, VerifyConfig
-from featshard.tools.config import ExportConfig
+from featshard.tools.config import ExportConfig, ServeConfig
 
 if TYPE_CHECKING:
     from typing import Any
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from featshard.index.reader import IndexInfo
     from featshard.index.search import QueryResult
     from featshard.runner.report import RunSummary
-    from featshard.runner.verify import Report
+    from featshard.runner.verifyreport import Report
     from featshard.tools.export import ExportResult
 
 
@@ -104,3 +105,11 @@ def status(config: StatusConfig) -> dict[str, Any]:
     from featshard.runner.status import run_status
 
     return run_status(config)
+
+
+@takes(ServeConfig)
+def serve(config: ServeConfig) -> None:
+    """Serve a run's index over HTTP (JSON API and a result gallery at `/`) until SIGINT/SIGTERM."""
+    from featshard.tools.serve.command import serve as serve_forever
+
+    serve_forever(config)

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm": ("featshard.runner.config:SlurmConfig", "write (and submit) SLURM job-array scripts for a run"),
     "bench": ("featshard.tools.config:BenchConfig", "measure decode, model and end-to-end throughput side by side"),
     "demo": ("featshard.tools.config:DemoConfig", "build the embedded demo set and run run/merge/search on it"),
+    "serve": ("featshard.tools.config:ServeConfig", "HTTP search service and result gallery over a run's index"),
 }
 
 
@@ -84,7 +85,7 @@ def _json(data: Any) -> None:
 
 
 def _run(config: Any) -> int:
-    summary = api.run(config=config)
+    summary = api.run.with_config(config)
     if config.dry_run:
         _json({"rows": summary.rows, "input_sha256": summary.input_sha256, "num_nodes": summary.num_nodes,
                "plan": summary.plan})
@@ -92,14 +93,14 @@ def _run(config: Any) -> int:
 
 
 def _merge(config: Any) -> int:
-    api.merge(config=config)
+    api.merge.with_config(config)
     return 0
 
 
 def _search(config: Any) -> int:
     from featshard.index.search import render_csv, render_table
 
-    results = api.search(config=config)
+    results = api.search.with_config(config)
     if config.json:
         _json([r.to_dict() for r in results])
     else:
@@ -108,9 +109,9 @@ def _search(config: Any) -> int:
 
 
 def _verify(config: Any) -> int:
-    from featshard.runner.verify import render
+    from featshard.runner.verifyreport import render
 
-    report = api.verify(config=config)
+    report = api.verify.with_config(config)
     print(json.dumps(report.to_dict(), indent=2) if config.json else render(report))
     return 0 if report.ok else 1
 
@@ -118,19 +119,19 @@ def _verify(config: Any) -> int:
 def _dedup(config: Any) -> int:
     from featshard.index.dedup import output_format, render
 
-    result = api.dedup(config=config)
+    result = api.dedup.with_config(config)
     if not config.out:
         sys.stdout.write(render(result, output_format(config)))
     return 0
 
 
 def _add(config: Any) -> int:
-    api.add(config=config)
+    api.add.with_config(config)
     return 0
 
 
 def _export(config: Any) -> int:
-    result = api.export(config=config)
+    result = api.export.with_config(config)
     print(f"exported {result.rows} vectors (dim {result.dim}, {result.dtype}) as {result.format} into {result.out} "
           f"({len(result.files)} files)")
     return 0
@@ -139,7 +140,7 @@ def _export(config: Any) -> int:
 def _status(config: Any) -> int:
     from featshard.runner.status import render_any
 
-    status = api.status(config=config)
+    status = api.status.with_config(config)
     print(json.dumps(status, indent=2, sort_keys=True) if config.json else render_any(status))
     return 0
 
@@ -184,8 +185,13 @@ def _demo(config: Any) -> int:
     return 0
 
 
+def _serve(config: Any) -> int:
+    api.serve.with_config(config)
+    return 0
+
+
 # command -> presenter: calls the API with the config, prints the result, returns the exit status
 SHOW: dict[str, Callable[[Any], int]] = {
     "run": _run, "merge": _merge, "search": _search, "verify": _verify, "dedup": _dedup, "add": _add,
-    "export": _export, "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo,
+    "export": _export, "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo, "serve": _serve,
 }

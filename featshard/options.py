@@ -15,7 +15,7 @@ import inspect
 import types
 import typing
 from dataclasses import MISSING, Field
-from typing import Any, Callable, ParamSpec, Sequence, TypeVar
+from typing import Any, Callable, Generic, ParamSpec, Sequence, TypeVar
 
 from featshard.errors import UsageError
 
@@ -193,19 +193,29 @@ def to_argv(cls: type, values: dict[str, Any]) -> list[str]:
     return words
 
 
-def takes(cls: Callable[P, C]) -> Callable[[Callable[[C], R]], Callable[P, R]]:
-    """Make `fn(config) -> R` callable as `fn(*config_args, **config_kwargs)` (typed: the config's own signature),
-    or with a ready config: `fn(config=Config(...))`."""
+class Command(Generic[P, C, R]):
+    """An API function: called with the config's own arguments (`featshard.run("list.txt", "RUN", gpus="0-7")`,
+    typed by the config's signature) or, `with_config`, with a ready config (what the CLI does)."""
 
-    def wrap(fn: Callable[[C], R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            if not args and set(kwargs) == {"config"}:
-                return fn(typing.cast(C, kwargs["config"]))
-            return fn(cls(*args, **kwargs))
+    def __init__(self, cls: Callable[P, C], fn: Callable[[C], R]) -> None:
+        self._cls, self._fn = cls, fn
+        functools.update_wrapper(self, fn)
+        self.__signature__ = inspect.signature(cls).replace(return_annotation=inspect.signature(fn).return_annotation)
 
-        sig = inspect.signature(cls)
-        call.__signature__ = sig.replace(return_annotation=inspect.signature(fn).return_annotation)  # type: ignore
-        return call
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(self._cls(*args, **kwargs))
+
+    def with_config(self, config: C) -> R:
+        return self._fn(config)
+
+    def __repr__(self) -> str:
+        return f"<featshard command {self._fn.__name__}{self.__signature__}>"
+
+
+def takes(cls: Callable[P, C]) -> Callable[[Callable[[C], R]], Command[P, C, R]]:
+    """Make `fn(config) -> R` an API function taking the config's arguments (see Command)."""
+
+    def wrap(fn: Callable[[C], R]) -> Command[P, C, R]:
+        return Command(cls, fn)
 
     return wrap

@@ -75,6 +75,12 @@ class InlineBackend:
 class _NoDaemonProcess(multiprocessing.get_context("spawn").Process):  # type: ignore[misc]
     """Pool workers are daemonic by default, and daemonic processes may not start DataLoader workers."""
 
+    spawned = 0  # worker processes this (coordinator) process has started
+
+    def start(self) -> None:
+        type(self).spawned += 1
+        super().start()
+
     @property
     def daemon(self) -> bool:
         return False
@@ -88,7 +94,10 @@ class _SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):  # type
     Process = _NoDaemonProcess
 
 
-def _worker_init(preload: tuple[str, ...] = (), preloads_left: Any = None) -> None:
+def _worker_init(preload: tuple[str, ...] = (), preloads_left: Any = None, started: Any = None) -> None:
+    if started is not None:  # this worker got through its start-up (the re-import of the caller's __main__)
+        with started.get_lock():
+            started.value += 1
     # The coordinator owns Ctrl-C: it stops workers itself and tells the user how to resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stop is a SIGTERM: unwind (the current batch is dropped, loader processes are shut down, the progress
@@ -116,9 +125,14 @@ def _default_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+class WorkersCannotStart(FeatshardError):
+    """Every pool worker died while starting (typically: a script calls featshard.run without a main guard)."""
+
+
 class PoolHandle:
-    def __init__(self, spec: ShardSpec, async_result: Any, grace: float, start_timeout: float) -> None:
-        self.spec, self._ar = spec, async_result
+    def __init__(self, spec: ShardSpec, async_result: Any, grace: float, start_timeout: float,
+                 cannot_start: Callable[[], bool] = lambda: False) -> None:
+        self.spec, self._ar, self._cannot_start = spec, async_result, cannot_start
         self._submitted = time.time()
         self._grace, self._start_timeout = grace, start_timeout
         self._dead_since: float | None = None
@@ -137,6 +151,11 @@ class PoolHandle:
         prog = read_progress(self.spec.run_dir, self.spec.shard.name)
         pid = prog.get("pid") if prog and prog.get("started", 0) >= self._submitted - 1 else None
         if pid is None:
+            if self._cannot_start():
+                raise WorkersCannotStart(
+                    "the worker processes die while starting, before any shard: their start-up re-imports the "
+                    "script that called featshard.run (spawn); call it under `if __name__ == \"__main__\":` (see "
+                    "the workers' error above)")
             if time.time() - self._submitted > self._start_timeout:
                 raise WorkerDied(f"{self.spec.shard.name}: no worker started it within {self._start_timeout:.0f} s")
             return
@@ -160,16 +179,23 @@ class PoolBackend:
         early, so the workers' `import torch`, ~5 s on the 2-core box, overlaps with the coordinator's checks)."""
         ctx = _SpawnNoDaemonContext()
         left = ctx.Value("i", max(1, processes))  # each shard's replacement worker would import torch for nothing
+        self._started, self._processes, self._spawned_before = ctx.Value("i", 0), processes, _NoDaemonProcess.spawned
         self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
-                                               initargs=(preload, left), maxtasksperchild=1, context=ctx)
+                                               initargs=(preload, left, self._started), maxtasksperchild=1,
+                                               context=ctx)
         self._grace, self._start_timeout = grace, start_timeout
+
+    def cannot_start(self) -> bool:
+        """No worker ever got through its start-up while the pool has had to replace every one of them twice."""
+        spawned = _NoDaemonProcess.spawned - self._spawned_before
+        return self._started.value == 0 and spawned > 3 * max(1, self._processes)
 
     def submit(self, spec: ShardSpec) -> PoolHandle:
         def on_error(exc: BaseException) -> None:
             log.error("%s failed in its worker: %s: %s", spec.shard.name, type(exc).__name__, exc)
 
         ar = self._pool.apply_async(extract_shard, (spec,), error_callback=on_error)
-        return PoolHandle(spec, ar, self._grace, self._start_timeout)
+        return PoolHandle(spec, ar, self._grace, self._start_timeout, self.cannot_start)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers once every result is in. They are idle then (each finished its one shard; the pool

@@ -63,6 +63,7 @@ def node_layout(config: RunConfig) -> tuple[int, int]:
 def run_job(config: RunConfig) -> RunSummary:
     """`featshard run` as a function: returns the summary, raises RunIncomplete (some shard failed), Interrupted
     (a stop signal), UsageError/FeatshardError (refused before any work)."""
+    refuse_in_starting_worker()
     devices = parse_gpus(config.gpus)
     nodes, rank = node_layout(config)
     if config.dry_run:
@@ -75,6 +76,16 @@ def run_job(config: RunConfig) -> RunSummary:
             mine = [s for s in prepared.plan if s.node == rank]
             outcome = execute(make_specs(prepared, mine, devices, config), config, len(devices), stop)
             return finish(prepared, mine, outcome, rank, nodes)
+
+
+def refuse_in_starting_worker() -> None:
+    """A worker process re-imports the caller's script while it starts (spawn): a run started from there is a
+    script without a main guard, which would start workers forever."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise UsageError("featshard.run called while a worker process starts: the script calls it at import time; "
+                         "put the call under `if __name__ == \"__main__\":`")
 
 
 def clean_run_tmp(run_dir: str, rank: int, nodes: int) -> None:

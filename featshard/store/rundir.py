@@ -9,6 +9,7 @@ DIR/shards/shard-00000-of-00008.progress.json       live progress written by the
 DIR/index/index.faiss, index.json, trained.faiss, index-<stamp>.ivfdata, parts/   merge output
 DIR/locks/node-0000.lock                            run locks
 DIR/slurm/extract.sbatch, merge.sbatch, jobs.json, logs/
+DIR/serve-cache/                                    featshard serve's row -> path tables
 ```
 """
 from __future__ import annotations
@@ -82,6 +83,11 @@ class RunDir:
     @property
     def index_parts(self) -> Path:
         return self.index / "parts"
+
+    @property
+    def serve_cache(self) -> Path:
+        """`featshard serve`'s row -> path tables."""
+        return self.root / "serve-cache"
 
     @property
     def slurm(self) -> Path:

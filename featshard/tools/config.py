@@ -79,3 +79,31 @@ class ExportConfig:
         check_types(self)
         if self.format not in EXPORT_FORMATS:
             raise UsageError(f"--format {self.format!r}: choose {' or '.join(EXPORT_FORMATS)}")
+
+
+@dataclass
+class ServeConfig:
+    """`featshard serve`: an HTTP search service over a run's index, with a result gallery at `/`."""
+
+    run_dir: str = option(help="a run directory with a merged index", positional=True, metavar="RUN")
+    host: str = option("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
+    port: int = option(8000, "port (default 8000)")
+    gpus: str | None = option(None, "one device: a GPU index (e.g. 0) or cpu (default: GPU 0, else cpu)")
+    k: int = option(10, "results per query when a request gives no k (default 10)", flag="-k")
+    max_upload_mb: float = option(20.0, "largest request body in MB (default 20)")
+    max_batch: int = option(32, "queries per forward pass at most (default 32)")
+    max_wait_ms: float = option(5.0, "how long a query waits for others to share its forward pass (default 5)")
+    max_queue: int = option(32, "searches in progress at once; more get 503 (default 32)")
+    timeout: float = option(30.0, "per-request limit in seconds (default 30)")
+    thumb_cache_mb: int = option(64, "thumbnail cache in MB (default 64)")
+    cache_dir: str | None = option(None, "where the row -> path tables go (default RUN/serve-cache)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not 0 < self.port < 65536:
+            raise UsageError(f"--port {self.port}: expected 1-65535")
+        for name in ("k", "max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_upload_mb <= 0 or self.timeout <= 0 or self.max_wait_ms < 0 or self.thumb_cache_mb < 0:
+            raise UsageError("--max-upload-mb and --timeout must be > 0, --max-wait-ms and --thumb-cache-mb >= 0")
