@@ -103,6 +103,34 @@ def test_dedup_exact_hashes_the_members(tars: dict) -> None:
                                                                   "00001.tar/000010003.jpg"]]
 
 
+def test_serve_answers_images_and_thumbnails_from_the_tars(tars: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`featshard serve` over the tar run: /image/<row> is the member's bytes read by offset, /thumb works, a
+    failed row is not served."""
+    import io
+
+    from PIL import Image
+    from serverproc import Server
+
+    run: Path = tars["run"]
+    if not (run / "index" / "index.faiss").is_file():
+        cli("merge", str(run), check=True)
+    monkeypatch.setenv("FEATSHARD_CACHE_DIR", tars["env"]["FEATSHARD_CACHE_DIR"])
+    srv = Server(run, log_path=tmp_path / "serve.log").start()
+    try:
+        for row, (t, j) in [(0, (0, 0)), (2, (0, 2)), (9, (2, 0))]:  # a JPEG, a PNG, one of the cut tar
+            want = _data(t, j)
+            got = srv.get(f"/image/{row}")
+            ctype = "image/png" if member_names(PER_TAR)[row].endswith(".png") else "image/jpeg"
+            assert got.status == 200 and got.body == want and got.headers["content-type"] == ctype, got
+        thumb = srv.get("/thumb/3")
+        assert thumb.status == 200 and Image.open(io.BytesIO(thumb.body)).format == "JPEG"
+        assert srv.get(f"/image/{NOT_IMAGE}").status == 404
+    finally:
+        srv.stop()
+    assert srv.stopped_cleanly(), srv.read_log()[-3000:]
+
+
 def test_export_of_the_tar_run_is_read_by_embedding_reader_and_autofaiss(tars: dict, tmp_path: Path) -> None:
     run: Path = tars["run"]
     cli("export", str(run), "--format", "clip-retrieval", "--out", str(tmp_path / "exp"), check=True)

@@ -97,9 +97,22 @@ def iter_items(source: InputSource, start: int = 0, stop: int | None = None) -> 
 
 def update_digest(digest: "hashlib._Hash", item: Item) -> None:
     """Add an item's name and path (a tar member: tar, offset, size) to the input hash."""
-    path = item.path.key() if isinstance(item.path, TarMember) else item.path
     digest.update(item.name.encode("utf-8", "surrogateescape") + b"\0")
-    digest.update(path.encode("utf-8", "surrogateescape") + b"\n")
+    digest.update(path_key(item.path).encode("utf-8", "surrogateescape") + b"\n")
+
+
+def path_key(path: str | TarMember) -> str:
+    """An item's path as text (what the input hash covers): a file path, or `TAR#OFFSET+SIZE` for a tar member."""
+    return path.key() if isinstance(path, TarMember) else path
+
+
+def path_from_key(text: str, kind: str) -> str | TarMember:
+    """`path_key` read back, for an input of `kind` (InputSource.kind: every path of a 'tar' input is a member)."""
+    if kind != "tar":
+        return text
+    tar, _, span = text.rpartition("#")
+    offset, _, size = span.partition("+")
+    return TarMember(tar, int(offset), int(size))
 
 
 def scan_input(source: InputSource) -> tuple[int, str]:
