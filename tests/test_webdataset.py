@@ -126,3 +126,11 @@ def test_item_for_row_and_its_bytes_for_files_and_members(tmp_path: Path) -> Non
     (tmp_path / "list.txt").write_text("a.bin\n")
     (tmp_path / "a.bin").write_bytes(b"plain file")
     assert read_item_bytes(item_for_row(open_input(tmp_path / "list.txt"), 0)) == b"plain file"
+
+
+def test_path_key_round_trips_for_members_and_files() -> None:
+    from featshard.store.inputs import path_from_key, path_key
+
+    member = TarMember("/data/a#b/00001.tar", 2560, 1234)
+    assert path_from_key(path_key(member), "tar") == member
+    assert path_from_key(path_key("/imgs/x#1.jpg"), "list") == "/imgs/x#1.jpg"
