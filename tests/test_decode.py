@@ -318,3 +318,42 @@ def test_image_failure_is_picklable_and_prints_its_reason() -> None:
                                                                "truncated: image file is truncated")
     assert REASONS == ("missing", "permission", "is_directory", "symlink_loop", "not_regular_file", "empty",
                        "not_image", "truncated", "corrupt", "too_large", "timeout", "error")
+
+
+def test_tar_members_decode_like_files_and_fail_with_reasons(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image inside a tar (read by offset) decodes exactly as the same file; damaged members get reasons."""
+    import io
+    import tarfile
+
+    from featshard.store.inputs import iter_items, open_input
+
+    monkeypatch.setenv("FEATSHARD_CACHE_DIR", str(tmp_path / "cache"))
+    good = tmp_path / "good.jpg"
+    Image.fromarray(textured(300, 200, 3)).save(good, quality=90)
+    members = {"good.jpg": good.read_bytes(), "text.jpg": b"this is not an image at all",
+               "cut.png": _png_bytes()[:200], "empty.jpg": b""}
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    items = {i.name: i for i in iter_items(open_input(tmp_path / "s.tar"))}
+    p = prep("exact")
+    assert np.array_equal(load_image(items["s.tar/good.jpg"].path, p), load_image(str(good), p))
+    for name, reason in [("text.jpg", "not_image"), ("cut.png", "truncated"), ("empty.jpg", "empty")]:
+        with pytest.raises(ImageFailure) as err:
+            load_image(items[f"s.tar/{name}"].path, p)
+        assert err.value.reason == reason, (name, err.value)
+    (tmp_path / "s.tar").unlink()
+    with pytest.raises(ImageFailure) as err:
+        load_image(items["s.tar/good.jpg"].path, p)
+    assert err.value.reason == "missing"
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(textured(200, 150, 4)).save(buf, "PNG")
+    return buf.getvalue()

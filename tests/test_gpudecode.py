@@ -127,3 +127,26 @@ def test_nvjpeg_matches_cpu_geometry(tmp_path: Path) -> None:
     assert x.device.type == "cuda" and x.shape[0] == 3 and batch.failed_rows == [3]
     for got, path in zip(x.permute(0, 2, 3, 1).cpu().numpy(), paths):
         assert np.abs(got - exact(path)).mean() < 2.0
+
+
+def test_tar_members_take_the_device_path_and_fail_alone(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """WebDataset members: a JPEG member is handed over as bytes read by offset, a damaged one fails alone."""
+    import tarfile
+
+    from featshard.store.inputs import iter_items, open_input
+
+    monkeypatch.setenv("FEATSHARD_CACHE_DIR", str(tmp_path / "cache"))
+    paths = [jpeg(tmp_path / "a.jpg", 1, (320, 240)), bad_huffman_jpeg(tmp_path / "b.jpg")]
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for path in paths:
+            tf.add(path, arcname=path.name)
+    items = list(iter_items(open_input(tmp_path / "s.tar")))
+    encoded = read_encoded(items[0].path, PREP)
+    assert encoded is not None and encoded.data == paths[0].read_bytes() and encoded.path == items[0].path
+    batch = Batch(rows=[0, 1], names=[i.name for i in items], pixels=torch.zeros((0, 0, 0, 3), dtype=torch.uint8),
+                  failed_rows=[], failed_names=[], failed_reasons=[],
+                  encoded=[read_encoded(i.path, PREP) for i in items])
+    x = decode_batch(batch, PREP, torch.device("cpu"))
+    assert x.shape[0] == 1 and batch.rows == [0] and batch.failed_names == ["s.tar/b.jpg"]
+    assert np.abs(x.permute(0, 2, 3, 1).numpy()[0] - exact(paths[0])).mean() < 0.5

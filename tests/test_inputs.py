@@ -66,3 +66,40 @@ def test_scan_counts_and_hash_changes_with_content(tmp_path):
 def test_missing_input_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         open_input(tmp_path / "nope.txt")
+
+
+def _parquet(dest, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), dest, row_group_size=2)
+    return dest
+
+
+def test_parquet_with_path_and_name_streams_by_batches(tmp_path, monkeypatch):
+    from featshard.store import inputs
+
+    monkeypatch.setattr(inputs, "PARQUET_BATCH", 2)  # several batches and row groups
+    path = _parquet(tmp_path / "in.parquet", Path=["a.jpg", None, "sub/b.png", "  ", "/abs/c.jpg", "d.jpg"],
+                    NAME=["first", "skipped", None, "blank", "third", "fourth"], other=[1, 2, 3, 4, 5, 6])
+    src = open_input(path)
+    items = list(iter_items(src))
+    assert src.kind == "parquet"
+    assert [(i.row, i.name) for i in items] == [(0, "first"), (1, "sub/b.png"), (2, "third"), (3, "fourth")]
+    assert items[0].path == str(tmp_path / "a.jpg") and items[2].path == "/abs/c.jpg"
+    assert [i.name for i in iter_items(src, 1, 3)] == ["sub/b.png", "third"]
+    assert scan_input(src)[0] == 4
+
+
+def test_parquet_without_name_uses_path(tmp_path):
+    path = _parquet(tmp_path / "in.pq", path=["x.jpg", "y.jpg"])
+    assert [i.name for i in iter_items(open_input(path))] == ["x.jpg", "y.jpg"]
+
+
+def test_parquet_without_path_or_not_parquet_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="no 'path' column"):
+        open_input(_parquet(tmp_path / "in.parquet", url=["http://x/a.jpg"], key=["0"]))
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("path\na.jpg\n")
+    with pytest.raises(UsageError, match="not a readable parquet file"):
+        open_input(bad)

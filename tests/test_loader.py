@@ -90,3 +90,23 @@ def test_collate_of_only_failures_is_empty() -> None:
 def test_default_loader_workers_leaves_a_core_per_device() -> None:
     assert default_loader_workers(1) >= 1
     assert default_loader_workers(64) == 1
+
+
+def test_tar_truncated_while_running_fails_its_remaining_rows(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """WebDataset input: the source opened (and its tars indexed) before the tar is cut, as the workers of a run
+    hold it; a loader process reads the members by offset: the rows past the new end fail as truncated, in
+    their batches, and the rows before it decode."""
+    from helpers.tars import make_tars
+
+    monkeypatch.setenv("FEATSHARD_CACHE_DIR", str(tmp_path / "cache"))
+    tar = make_tars(tmp_path / "shards", [6])[0]
+    source = open_input(tar)
+    items = list(ChunkBatches(source, [(0, 6)], 6))[0]
+    with open(tar, "r+b") as fh:
+        fh.truncate(items[3].path.offset + 5)
+    batches = list(make_loader(ChunkBatches(source, [(0, 3), (3, 6)], 2), PREP, workers=1, pin=False))
+    assert sum((b.rows for b in batches), []) == [0, 1, 2]
+    assert sum((b.failed_rows for b in batches), []) == [3, 4, 5]
+    reasons = sum((b.failed_reasons for b in batches), [])
+    assert all(r.startswith("truncated: the tar 00000.tar ends at byte") for r in reasons), reasons

@@ -30,6 +30,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from featshard.extract.preprocess import Preprocess
 from featshard.extract.resizecrop import resize_crop
+from featshard.store.webdataset import MemberTruncated, TarMember, read_member
 
 REASONS = ("missing", "permission", "is_directory", "symlink_loop", "not_regular_file", "empty", "not_image",
            "truncated", "corrupt", "too_large", "timeout", "error")
@@ -93,8 +94,9 @@ class _Alarm:
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), interval)
 
 
-def load_image(path: str | bytes, prep: Preprocess) -> np.ndarray:
-    """Decode `path` (a file path, or the bytes of an image file already in memory, e.g. an upload) into a
+def load_image(path: str | bytes | TarMember, prep: Preprocess) -> np.ndarray:
+    """Decode `path` (a file path, an image inside a tar, or the bytes of an image file already in memory, e.g. an
+    upload) into a
     C-contiguous uint8 array (prep.crop, prep.crop, 3), RGB; raise ImageFailure otherwise."""
     alarm = _Alarm()
     try:
@@ -108,7 +110,7 @@ def load_image(path: str | bytes, prep: Preprocess) -> np.ndarray:
         raise ImageFailure("timeout", f"no result within {prep.timeout:g} s (open + decode)") from None
 
 
-def _load(path: str | bytes, prep: Preprocess) -> np.ndarray:
+def _load(path: str | bytes | TarMember, prep: Preprocess) -> np.ndarray:
     with open_source(path) as f:
         try:
             out = _decode(f, prep)
@@ -120,13 +122,25 @@ def _load(path: str | bytes, prep: Preprocess) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()
 
 
-def open_source(path: str | bytes) -> IO[bytes]:
-    """The image file to decode: bytes in memory as they are, a path through `_open_regular`."""
+def open_source(path: str | bytes | TarMember) -> IO[bytes]:
+    """The image file to decode: bytes in memory as they are, a tar member read by offset, a path through
+    `_open_regular`."""
+    if isinstance(path, TarMember):
+        path = _read_member(path)
     if isinstance(path, (bytes, bytearray, memoryview)):
         if not len(path):
             raise ImageFailure("empty", "file is empty (0 bytes)")
         return io.BytesIO(bytes(path))
     return _open_regular(path)
+
+
+def _read_member(member: TarMember) -> bytes:
+    try:
+        return read_member(member)
+    except MemberTruncated as e:
+        raise ImageFailure("truncated", str(e)) from None
+    except OSError as e:
+        raise _os_failure(e) from None
 
 
 def _open_regular(path: str) -> IO[bytes]:

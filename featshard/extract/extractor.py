@@ -29,6 +29,7 @@ from featshard.errors import FeatshardError, UsageError
 from featshard.extract.loader import Batch, decodes_on_device, make_loader
 from featshard.extract.models import ModelSpec, build_model, last_linear
 from featshard.extract.preprocess import Preprocess
+from featshard.extract.timmmodels import is_timm, timm_feature_net
 from featshard.store.inputs import Item
 
 log = logging.getLogger("featshard.extract.extractor")
@@ -62,6 +63,17 @@ def resolve_layer(model: Any, layer: str | None) -> str:
     return layer
 
 
+def feature_net(spec: ModelSpec, model: Any) -> tuple[str, Any]:
+    """(layer, network returning {"feat": tensor}): a torchvision FX feature extractor at the layer, or for timm
+    models their pooled pre-logits (or an FX node with --layer)."""
+    if is_timm(spec.name):
+        return timm_feature_net(model, spec.layer)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    layer = resolve_layer(model, spec.layer)
+    return layer, create_feature_extractor(model, return_nodes={layer: "feat"}).eval()
+
+
 def pool_features(x: Any, pool: str, gem_p: float = 3.0) -> Any:
     """Reduce a feature map (N,C,H,W) or token sequence (N,L,C) to (N,D); a (N,D) tensor passes through."""
     if x.ndim == 2:
@@ -88,7 +100,6 @@ def probe(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
     weights file fails here. Built on the `meta` device (nothing allocated, nothing computed) where the model allows
     it; on the CPU otherwise (a few models compute their shapes from real tensors while being built)."""
     import torch
-    from torchvision.models.feature_extraction import create_feature_extractor
 
     try:
         model = build_model(spec, device="meta")
@@ -97,10 +108,11 @@ def probe(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
     except Exception as exc:  # noqa: BLE001 - model construction that needs real tensors: probe on the CPU
         log.debug("probing %s on the CPU (meta: %s)", spec.name, exc)
         return _probe_cpu(spec, prep)
-    layer = resolve_layer(model, spec.layer)
     try:
-        net = create_feature_extractor(model, return_nodes={layer: "feat"})
+        layer, net = feature_net(spec, model)
         out = pool_features(net(torch.zeros((1, 3, prep.crop, prep.crop), device="meta"))["feat"], spec.pool)
+    except UsageError:  # an unknown --layer
+        raise
     except Exception as exc:  # noqa: BLE001 - an operator without a meta kernel
         log.debug("probing %s on the CPU (meta forward: %s)", spec.name, exc)
         return _probe_cpu(spec, prep)
@@ -123,14 +135,11 @@ class Extractor:
         `--decode gpu` on CUDA) decodes JPEGs with torchvision on `device`: forced on a CPU, the geometry of the GPU
         path can be checked without a GPU."""
         import torch
-        from torchvision.models.feature_extraction import create_feature_extractor
 
         self.spec, self.prep, self.device = spec, prep, torch.device(device)
         self.pad_to = 0  # compiled: batches are padded to the largest size seen (one static shape, no recompiles)
         self.compiled = False
-        model = build_model(spec)
-        self.layer = resolve_layer(model, spec.layer)
-        self.net = create_feature_extractor(model, return_nodes={self.layer: "feat"}).eval()
+        self.layer, self.net = feature_net(spec, build_model(spec))
         self.net = self.net.to(self.device, memory_format=torch.channels_last)
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -153,7 +162,8 @@ class Extractor:
             self.net, self.compiled = torch.compile(self.net, dynamic=False), True
             self.forward_device(self.to_device(np.zeros((size, self.prep.crop, self.prep.crop, 3), np.uint8)))
             return "compile", {}
-        if graph == "eager" or (graph == "auto" and (self.device.type != "cpu" or self.spec.precision != "fp32")):
+        auto_eager = self.device.type != "cpu" or self.spec.precision != "fp32" or is_timm(self.spec.name)
+        if graph == "eager" or (graph == "auto" and auto_eager):
             return "eager", {}
         rng = np.random.default_rng(0)  # photo-free but not constant input: a constant image hides fusion errors
         example = self.to_device(rng.integers(0, 256, (min(size, 8), self.prep.crop, self.prep.crop, 3), np.uint8))

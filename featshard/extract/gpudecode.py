@@ -26,6 +26,7 @@ import numpy as np
 
 from featshard.extract.decode import ImageFailure, load_image
 from featshard.extract.preprocess import Preprocess
+from featshard.store.webdataset import TarMember, read_member
 
 log = logging.getLogger("featshard.extract.gpudecode")
 _DEVICE_FORMATS = ("JPEG", "MPO")
@@ -36,14 +37,14 @@ _ORIENTATION_TAG = 0x0112
 
 @dataclass
 class Encoded:
-    """A JPEG's bytes, for decoding on the device; `path` is kept for the CPU fallback."""
+    """A JPEG's bytes, for decoding on the device; `path` (a file or a tar member) is kept for the CPU fallback."""
 
     data: bytes
     orientation: int
-    path: str
+    path: str | TarMember
 
 
-def read_encoded(path: str, prep: Preprocess) -> Encoded | None:
+def read_encoded(path: str | TarMember, prep: Preprocess) -> Encoded | None:
     """The file's bytes when the device can decode it (a plain RGB or greyscale JPEG within max_pixels, ending with
     its end-of-image marker); None for anything else (other formats, CMYK, truncated or odd files, unreadable
     headers, interpolations other than bilinear/bicubic): the caller decodes those on the CPU."""
@@ -52,11 +53,9 @@ def read_encoded(path: str, prep: Preprocess) -> Encoded | None:
     if prep.interpolation not in _DEVICE_RESAMPLE:
         return None
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        data = _read_bytes(path)
+        if data is None:
             return None
-        with open(path, "rb") as fh:
-            data = fh.read()
         if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):  # no end marker: truncated? the CPU path decides
             return None
         with Image.open(io.BytesIO(data)) as im:
@@ -68,6 +67,17 @@ def read_encoded(path: str, prep: Preprocess) -> Encoded | None:
     except Exception:  # noqa: BLE001 - whatever is odd about the file, the CPU path classifies it
         return None
     return Encoded(data, orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1, path)
+
+
+def _read_bytes(path: str | TarMember) -> bytes | None:
+    """A file's bytes, or a tar member's; None for an empty or non-regular file."""
+    if isinstance(path, TarMember):
+        return read_member(path) or None
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 def orient(x: Any, orientation: int) -> Any:
@@ -125,7 +135,7 @@ def _device_decode(datas: list[Any], device: Any) -> list[Any | None]:
         return out
 
 
-def _cpu_fallback(path: str, prep: Preprocess) -> np.ndarray | ImageFailure:
+def _cpu_fallback(path: str | TarMember, prep: Preprocess) -> np.ndarray | ImageFailure:
     try:
         return load_image(path, prep)
     except ImageFailure as exc:

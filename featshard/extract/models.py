@@ -1,15 +1,18 @@
-"""Models by name from torchvision's registry, their weights (DEFAULT | none | PATH), layer, pooling and precision."""
+"""Models by name from torchvision's registry (or timm's: `timm:NAME`, featshard.extract.timmmodels), their weights
+(DEFAULT | none | PATH), layer, pooling and precision."""
 from __future__ import annotations
 
 import logging
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from featshard.errors import FeatshardError, UsageError
 from featshard.system import sha256_file
 from featshard.extract.preprocess import Preprocess, from_transforms
+from featshard.extract.timmmodels import build_timm, check_timm_name, is_timm, timm_identity, timm_preprocess
 
 log = logging.getLogger("featshard.extract.models")
 POOLS = ("avg", "max", "gem")
@@ -34,6 +37,9 @@ class ModelSpec:
 def check_model_name(name: str) -> None:
     import torchvision
 
+    if is_timm(name):
+        return check_timm_name(name)
+
     if name not in torchvision.models.list_models(module=torchvision.models):
         close = [m for m in torchvision.models.list_models(module=torchvision.models) if name[:4] in m][:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
@@ -52,6 +58,8 @@ def weights_enum(name: str) -> Any:
 def preprocess_for(name: str, weights: str = "DEFAULT", **overrides: Any) -> Preprocess:
     """The preprocessing recipe of the weights in use: torchvision's own weights are recognised (also as a local
     file, by the sha256 prefix torchvision puts in its file names); random init and fine-tuned files use DEFAULT's."""
+    if is_timm(name):  # the pretrained tag's eval transform
+        return timm_preprocess(name, **overrides)
     return from_transforms(matching_enum(name, weights).transforms(), **overrides)
 
 
@@ -73,6 +81,8 @@ def weights_identity(spec: ModelSpec) -> str:
     """What identifies the weights in the fingerprint: the file hash, the torchvision file name, or the seed."""
     if spec.weights.lower() == "none":
         return f"none:seed={spec.seed}"
+    if spec.weights == "DEFAULT" and is_timm(spec.name):
+        return timm_identity(spec.name)
     if spec.weights == "DEFAULT":
         return "torchvision:" + os.path.basename(weights_enum(spec.name).url)
     return "sha256:" + file_sha256(spec.weights)
@@ -122,13 +132,16 @@ def _gpus_have_bf16() -> bool:
 
 
 def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
-    """The torchvision model with its weights loaded, in eval mode. On `device="meta"` (the coordinator's probe)
-    nothing is allocated or computed, but a weights file is still read and checked against the model's shapes."""
+    """The torchvision (or timm) model with its weights loaded, in eval mode. On `device="meta"` (the coordinator's
+    probe) nothing is allocated or computed, but a weights file is still read and checked against the model's
+    shapes."""
     import warnings
 
     import torch
     import torchvision
 
+    if is_timm(spec.name):
+        return build_timm(spec.name, spec.weights, spec.seed, device)
     check_model_name(spec.name)
     with torch.device(device), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
@@ -155,9 +168,12 @@ def library_versions() -> dict[str, str]:
 
     from featshard import __version__
 
-    return {"featshard": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version()}
+    out = {"featshard": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "numpy": numpy.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
+           "python": platform.python_version()}
+    if "timm" in sys.modules:  # imported by a timm model: not imported just to say its version
+        out["timm"] = sys.modules["timm"].__version__
+    return out
 
 
 def _download_default(name: str) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class SearchConfig:
 
     run_dir: str = option(help="a run directory with a merged index", positional=True, metavar="DIR")
     images: list[str] = option([], "query image (repeatable)", flag="--image", metavar="PATH")
-    input: str | None = option(None, "list/CSV/directory of query images")
+    input: str | None = option(None, "list/CSV/parquet/directory/tars of query images")
     k: int = option(10, "results per query (default 10)", flag="-k")
     batch_size: int = option(32, "queries per model batch")
     loader_workers: int = option(1, "decode processes")

@@ -10,18 +10,18 @@ connected components of the pairs (union-find). Random-init weights (`--weights 
 > 0.9: dedup needs trained weights.
 Scores are the index's own: approximate for PQ indexes.
 
-Exact duplicates (`--exact`): the source runs' input lists are streamed; files of equal size are hashed (sha256,
-1 MiB blocks) and equal hashes form a group.
+Exact duplicates (`--exact`): the source runs' input lists are streamed; files (or tar members) of equal size are
+hashed (sha256, 1 MiB blocks) and equal hashes form a group.
 
 Output: a table on stdout (default), `--json` ({"near": [...], "exact": [...]}) or `--csv`, or into `--out FILE`.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +33,8 @@ from featshard.index import reader as fx
 from featshard.index.config import DedupConfig
 from featshard.store.atomic import write_atomic
 from featshard.system import sha256_file
-from featshard.store.inputs import iter_items, open_input
+from featshard.store.inputs import item_size, iter_items, open_input, read_item_bytes
+from featshard.store.webdataset import TarMember
 from featshard.store.manifest import load_manifest
 from featshard.index.vectors import Source, batch_rows_for, iter_vectors
 
@@ -116,31 +117,37 @@ def _member(ident: int, where: tuple[str | None, str | None, int], score: float 
     return {"id": int(ident), "name": name, "run_dir": run_dir, "row": int(row), "score": score}
 
 
+def sha256_input(path: str | TarMember) -> str:
+    """sha256 of an input image: a file in 1 MiB blocks, or a tar member's bytes."""
+    if isinstance(path, TarMember):
+        return hashlib.sha256(read_item_bytes(path)).hexdigest()
+    return sha256_file(path)
+
 
 def exact_groups(sources: Iterable[Source]) -> list[dict[str, Any]]:
     """Groups of byte-identical input files over all source runs: size first, then sha256 of equal sizes."""
-    by_size: dict[int, list[tuple[int, str, str, str, int]]] = defaultdict(list)
+    by_size: dict[int, list[tuple[int, str, str, str | TarMember, int]]] = defaultdict(list)
     unreadable = 0
     for src in sources:
         manifest = load_manifest(src.run_dir)
         for item in iter_items(open_input(manifest["input"]["path"])):
             try:
-                size = os.stat(item.path).st_size
+                size = item_size(item.path)
             except OSError:
                 unreadable += 1
                 continue
             by_size[size].append((src.id_offset + item.row, item.name, str(src.run_dir), item.path, item.row))
-    by_hash: dict[str, list[tuple[int, str, str, str, int]]] = defaultdict(list)
+    by_hash: dict[str, list[tuple[int, str, str, str | TarMember, int]]] = defaultdict(list)
     for entries in (e for e in by_size.values() if len(e) > 1):
         for entry in entries:
             try:
-                by_hash[sha256_file(entry[3])].append(entry)
+                by_hash[sha256_input(entry[3])].append(entry)
             except OSError:
                 unreadable += 1
     if unreadable:
         log.warning("--exact: %d input files could not be read and were skipped", unreadable)
     groups = sorted((sorted(g) for g in by_hash.values() if len(g) > 1), key=lambda g: g[0][0])
-    return [{"group": n, "kind": "exact", "size": len(g), "sha256": sha256_file(g[0][3]),
+    return [{"group": n, "kind": "exact", "size": len(g), "sha256": sha256_input(g[0][3]),
              "members": [_member(e[0], (e[1], e[2], e[4]), None) for e in g]} for n, g in enumerate(groups)]
 
 

@@ -32,10 +32,12 @@ def _at_least(config: Any, minimum: int, *names: str) -> None:
 class RunConfig:
     """`featshard run`: extract features of an image list into HDF5 shards, one shard per device."""
 
-    input: str = option(help="list file, CSV/TSV with a 'path' column, or a directory", metavar="LIST")
+    input: str = option(help="list file, CSV/TSV/parquet with a 'path' column, a directory, or WebDataset tars (a "
+                        ".tar, a folder of *.tar, 'shards/{00000..00099}.tar')", metavar="LIST")
     out: str = option(help="run directory (created; an existing run is resumed)", metavar="DIR")
     gpus: str | None = option(None, "0-7 | 0,2,5 | all | cpu | cpu:N (default: all GPUs, else cpu)")
-    model: str = option("resnet50", "torchvision.models.get_model name (default resnet50)")
+    model: str = option("resnet50", "torchvision.models.get_model name (default resnet50), or timm:NAME (timm's "
+                        "architecture[.pretrained_tag])")
     weights: str = option("DEFAULT", "DEFAULT | none | PATH to a state_dict or checkpoint")
     layer: str | None = option(None, "graph node to read (default: input of the classifier)")
     pool: str = option("avg", "avg | max | gem, for spatial maps (default avg)", choices=POOLS)
@@ -110,7 +112,7 @@ class SlurmConfig:
     """`featshard slurm`: write (and submit) a SLURM job array running `featshard run`, plus a dependent merge job.
     `run_options` are `run`'s own options for every task (keywords of RunConfig)."""
 
-    input: str = option(help="list file, CSV/TSV or directory (as for `run`)", group=SLURM)
+    input: str = option(help="list file, CSV/TSV/parquet, directory or tars (as for `run`)", group=SLURM)
     out: str = option(help="run directory on a filesystem every node sees", group=SLURM)
     nodes: int = option(help="array tasks (one node's share of the shards each)", group=SLURM)
     gpus_per_node: int = option(help="GPUs per task (--gres=gpu:G); 0 = CPU only", group=SLURM)

@@ -22,6 +22,7 @@ from featshard.errors import FeatshardError, UsageError
 from featshard.extract.graph import check_graph
 from featshard.extract.models import ModelSpec, library_versions, resolve_precision, weights_identity
 from featshard.extract.preprocess import Preprocess
+from featshard.extract.timmmodels import HEAD_LAYER, HEAD_POOL, is_timm, timm_fields
 from featshard.runner.config import RunConfig
 from featshard.runner.devices import Device
 from featshard.store.atomic import write_json_atomic
@@ -89,9 +90,15 @@ def model_spec(config: RunConfig, device_kind: str) -> ModelSpec:
         weights = "DEFAULT"
     else:
         weights = os.path.abspath(os.path.expanduser(weights))
+    pool = config.pool
+    if is_timm(config.model) and config.layer in (None, HEAD_LAYER):
+        if pool != "avg":
+            raise UsageError(f"--pool {pool} applies with --layer: a timm model's default features (its pre-logits) "
+                             "are pooled by the model itself")
+        pool = HEAD_POOL
     precision = resolve_precision(config.precision, device_kind)
     check_graph(config.graph, precision)
-    return ModelSpec(name=config.model, weights=weights, layer=config.layer, pool=config.pool,
+    return ModelSpec(name=config.model, weights=weights, layer=config.layer, pool=pool,
                      normalize=config.normalize, precision=precision, seed=config.seed, graph=config.graph)
 
 
@@ -117,6 +124,8 @@ def fingerprint_fields(spec: ModelSpec, layer: str, prep: Preprocess, dtype: str
     fields = {"model": spec.name, "weights": weights_identity(spec), "layer": layer, "pool": spec.pool,
               "normalize": spec.normalize, "precision": spec.precision, "dtype": dtype,
               "preprocess": prep.vector_fields(), "input_sha256": sha, "featshard_version": __version__}
+    if is_timm(spec.name):
+        fields["timm"] = timm_fields(spec.name)
     return json.loads(json.dumps(fields))
 
 

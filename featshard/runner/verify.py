@@ -24,7 +24,7 @@ from featshard.extract.decode import REASONS
 from featshard.errors import FeatshardError
 from featshard.runner.config import VerifyConfig
 from featshard.runner.verifyreport import Hits, Report
-from featshard.store.inputs import Item, iter_items, open_input
+from featshard.store.inputs import Item, iter_items, open_input, update_digest
 from featshard.store.manifest import load_manifest
 from featshard.store.plan import shard_name
 from featshard.store.rundir import RunDir
@@ -49,8 +49,7 @@ class ItemStream:
         except (OSError, FeatshardError) as exc:  # the list went away or broke mid-way
             self._next, self.error = None, str(exc)
         if self._next is not None:
-            self.digest.update(self._next.name.encode("utf-8", "surrogateescape") + b"\0")
-            self.digest.update(self._next.path.encode("utf-8", "surrogateescape") + b"\n")
+            update_digest(self.digest, self._next)
             self.count += 1
 
     def until(self, stop: int) -> Iterator[Item]:

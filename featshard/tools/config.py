@@ -1,4 +1,5 @@
-"""The options of the tools' commands (`bench`, `demo`): one typed, validated dataclass each (featshard.options)."""
+"""The options of the tools' commands (`bench`, `demo`, `export`): one typed, validated dataclass each
+(featshard.options)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,6 +56,29 @@ class DemoConfig:
             raise UsageError("--limit must be >= 1")
         if self.k < 1:
             raise UsageError("-k must be >= 1")
+
+
+EXPORT_FORMATS = ("clip-retrieval", "parquet")
+
+
+@dataclass
+class ExportConfig:
+    """`featshard export RUN --format clip-retrieval|parquet --out DIR`: a finished run's vectors in the layouts the
+    ecosystem reads. clip-retrieval: per shard i, img_emb/img_emb_{i}.npy (N x D, dtype as stored) and
+    metadata/metadata_{i}.parquet (image_path = the input name, row), row-aligned: what embedding-reader
+    (parquet_npy) and autofaiss read. parquet: per shard i, embeddings_{i}.parquet with row, name and embedding (a
+    fixed-size list). Streams shard by shard, writes each file atomically, refuses an unfinished run."""
+
+    run_dir: str = option(help="a finished run directory", positional=True, metavar="RUN")
+    format: str = option(help="clip-retrieval: img_emb/*.npy + metadata/*.parquet; parquet: row, name, embedding",
+                         choices=EXPORT_FORMATS)
+    out: str = option(help="folder to write (created)")
+    overwrite: bool = option(False, "replace a previous export in --out")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.format not in EXPORT_FORMATS:
+            raise UsageError(f"--format {self.format!r}: choose {' or '.join(EXPORT_FORMATS)}")
 
 
 @dataclass

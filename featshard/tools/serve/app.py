@@ -33,6 +33,8 @@ from featshard.tools.serve.batcher import Batcher, Overloaded
 from featshard.tools.serve.state import Query, ServeState
 from featshard.tools.serve.thumbs import ThumbCache, make_thumbnail
 from featshard.tools.serve.uploads import ApiError, read_upload
+from featshard.store.inputs import read_item_bytes
+from featshard.store.webdataset import TarMember
 
 log = logging.getLogger("featshard.serve")
 access = logging.getLogger("featshard.serve.access")
@@ -82,7 +84,7 @@ class Server:
             raise ApiError(400, f"k must be a positive integer, got {text[:40]!r}", "bad_k")
         return self.state.clamp_k(int(text))
 
-    def stored(self, text: str) -> tuple[int, str]:
+    def stored(self, text: str) -> tuple[int, str | TarMember]:
         """(id, path) of a stored image named by decimal digits; ApiError 404 for anything else."""
         found = self.state.files.locate(int(text)) if _ID.fullmatch(text) else None
         if found is None:
@@ -187,6 +189,8 @@ async def image(request: Request) -> Response:
     srv: Server = request.app.state.server
     srv.require_ready()
     _, path = srv.stored(request.path_params["ident"])
+    if isinstance(path, TarMember):  # an image inside a WebDataset tar: its bytes, read by offset
+        return await _member_image(srv, path)
     try:
         st = os.stat(path)
     except OSError:
@@ -196,6 +200,22 @@ async def image(request: Request) -> Response:
     ctype = mimetypes.guess_type(path)[0] or ""
     return FileResponse(path, stat_result=st, media_type=ctype if ctype.startswith("image/") else
                         "application/octet-stream", headers={"X-Content-Type-Options": "nosniff"})
+
+
+_SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
+               (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
+
+
+async def _member_image(srv: Server, member: TarMember) -> Response:
+    try:
+        data = await srv.run(srv.pool, read_item_bytes, member)
+    except OSError as exc:
+        raise ApiError(404, f"the stored image cannot be read from its tar: {exc}", "missing") from None
+    ctype = next((t for sig, t in _SIGNATURES if data.startswith(sig)), "")
+    if not ctype and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        ctype = "image/webp"
+    return Response(data, media_type=ctype or "application/octet-stream",
+                    headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def thumb(request: Request) -> Response:

@@ -29,7 +29,8 @@ import numpy as np
 
 from featshard.errors import FeatshardError
 from featshard.index.vectors import Source
-from featshard.store.inputs import InputSource, iter_items, open_input
+from featshard.store.inputs import InputSource, iter_items, open_input, path_from_key, path_key, update_digest
+from featshard.store.webdataset import TarMember
 from featshard.store.manifest import load_manifest
 from featshard.store.atomic import write_atomic
 from featshard.store.rundir import RunDir
@@ -49,12 +50,13 @@ class RunFiles:
     blob: mmap.mmap | None = None
     unavailable: str = ""  # why paths cannot be served (input list gone or changed); "" when they can
     shard_starts: list[int] = field(default_factory=list)
+    kind: str = "list"  # the input's kind: in a 'tar' input every path is a member (store.inputs.path_key)
 
-    def path(self, row: int) -> str | None:
+    def path(self, row: int) -> str | TarMember | None:
         if self.offsets is None or self.blob is None:
             return None
         lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
-        return self.blob[lo:hi].decode("utf-8", "surrogateescape")
+        return path_from_key(self.blob[lo:hi].decode("utf-8", "surrogateescape"), self.kind)
 
 
 class RowFiles:
@@ -126,6 +128,7 @@ def _open_run(src: Source, name: str, cache_dir: Path) -> RunFiles:
     run = RunFiles(src, name, stored_flags(src), shard_starts=[s.start for s in src.shards])
     manifest = load_manifest(src.run_dir)
     want = manifest.get("input") or {}
+    run.kind = str(want.get("kind", "list"))
     try:
         run.offsets, run.blob = path_table(str(want.get("path", "")), int(want.get("rows", src.rows)),
                                            str(want.get("sha256", "")), cache_dir)
@@ -172,8 +175,8 @@ def _stream_table(source: InputSource, input_path: str, rows: int, sha256: str, 
         for item in iter_items(source):
             if count >= rows:
                 raise FeatshardError(f"the input list {input_path} now has more than the run's {rows} rows")
-            raw = item.path.encode("utf-8", "surrogateescape")
-            digest.update(item.name.encode("utf-8", "surrogateescape") + b"\0" + raw + b"\n")
+            raw = path_key(item.path).encode("utf-8", "surrogateescape")
+            update_digest(digest, item)
             offsets[count] = pos
             out.write(raw)
             pos, count = pos + len(raw), count + 1

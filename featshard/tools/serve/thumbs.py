@@ -12,13 +12,15 @@ import threading
 from collections import OrderedDict
 
 from featshard.extract.decode import ImageFailure, open_source
+from featshard.store.webdataset import TarMember
 
 THUMB_SIZE = 256
 THUMB_QUALITY = 85
 
 
-def make_thumbnail(path: str, max_pixels: int, size: int = THUMB_SIZE) -> bytes:
-    """The image at `path` (a regular file) as a JPEG no larger than size x size; ImageFailure when it cannot be."""
+def make_thumbnail(path: str | TarMember, max_pixels: int, size: int = THUMB_SIZE) -> bytes:
+    """The image at `path` (a regular file, or a member of a tar) as a JPEG no larger than size x size;
+    ImageFailure when it cannot be."""
     from PIL import Image, ImageOps
 
     with open_source(path) as fh:
