@@ -110,3 +110,27 @@ def test_tar_truncated_while_running_fails_its_remaining_rows(tmp_path: Path,
     assert sum((b.failed_rows for b in batches), []) == [3, 4, 5]
     reasons = sum((b.failed_reasons for b in batches), [])
     assert all(r.startswith("truncated: the tar 00000.tar ends at byte") for r in reasons), reasons
+
+
+def test_decode_one_hands_over_what_the_loaders_would(tmp_path: Path) -> None:
+    """An upload's bytes take the loaders' path: JPEG bytes for a device decode (other formats decoded here), the
+    crop otherwise; a bad upload is an ImageFailure, as a bad file is."""
+    import io
+
+    import pytest
+    from PIL import Image
+
+    from featshard.extract.decode import ImageFailure
+    from featshard.extract.gpudecode import Encoded
+    from featshard.extract.loader import decode_one
+    from featshard.extract.models import preprocess_for
+
+    prep = preprocess_for("mobilenet_v2", "none")
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 30, 10)).save(jpeg, "JPEG")
+    Image.new("RGB", (320, 240), (200, 30, 10)).save(png, "PNG")
+    assert isinstance(decode_one(jpeg.getvalue(), prep, device_decode=True), Encoded)
+    assert decode_one(png.getvalue(), prep, device_decode=True).shape == (224, 224, 3)  # type: ignore[union-attr]
+    assert decode_one(jpeg.getvalue(), prep).shape == (224, 224, 3)  # type: ignore[union-attr]
+    with pytest.raises(ImageFailure, match="not_image"):
+        decode_one(b"not an image at all", prep, device_decode=True)

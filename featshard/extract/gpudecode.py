@@ -37,14 +37,15 @@ _ORIENTATION_TAG = 0x0112
 
 @dataclass
 class Encoded:
-    """A JPEG's bytes, for decoding on the device; `path` (a file or a tar member) is kept for the CPU fallback."""
+    """A JPEG's bytes, for decoding on the device; `path` (a file, a tar member, or the bytes themselves for an
+    upload) is kept for the CPU fallback."""
 
     data: bytes
     orientation: int
-    path: str | TarMember
+    path: str | bytes | TarMember
 
 
-def read_encoded(path: str | TarMember, prep: Preprocess) -> Encoded | None:
+def read_encoded(path: str | bytes | TarMember, prep: Preprocess) -> Encoded | None:
     """The file's bytes when the device can decode it (a plain RGB or greyscale JPEG within max_pixels, ending with
     its end-of-image marker); None for anything else (other formats, CMYK, truncated or odd files, unreadable
     headers, interpolations other than bilinear/bicubic): the caller decodes those on the CPU."""
@@ -69,8 +70,10 @@ def read_encoded(path: str | TarMember, prep: Preprocess) -> Encoded | None:
     return Encoded(data, orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1, path)
 
 
-def _read_bytes(path: str | TarMember) -> bytes | None:
-    """A file's bytes, or a tar member's; None for an empty or non-regular file."""
+def _read_bytes(path: str | bytes | TarMember) -> bytes | None:
+    """A file's bytes, or a tar member's (or the bytes given); None for an empty or non-regular file."""
+    if isinstance(path, bytes):
+        return path or None
     if isinstance(path, TarMember):
         return read_member(path) or None
     st = os.stat(path)
@@ -135,7 +138,7 @@ def _device_decode(datas: list[Any], device: Any) -> list[Any | None]:
         return out
 
 
-def _cpu_fallback(path: str | TarMember, prep: Preprocess) -> np.ndarray | ImageFailure:
+def _cpu_fallback(path: str | bytes | TarMember, prep: Preprocess) -> np.ndarray | ImageFailure:
     try:
         return load_image(path, prep)
     except ImageFailure as exc:

@@ -18,6 +18,7 @@ import numpy as np
 from featshard.extract.decode import ImageFailure, load_image
 from featshard.extract.gpudecode import Encoded, read_encoded
 from featshard.store.inputs import InputSource, Item, iter_items
+from featshard.store.webdataset import TarMember
 from featshard.extract.preprocess import Preprocess
 from featshard.system import cores
 
@@ -56,16 +57,22 @@ class DecodeDataset:
         self.device_decode = device_decode
 
     def __getitem__(self, item: Item) -> Sample:
-        if self.device_decode:
-            encoded = read_encoded(item.path, self.prep)
-            if encoded is not None:
-                return item, encoded, ""
         try:
-            return item, load_image(item.path, self.prep), ""
+            return item, decode_one(item.path, self.prep, self.device_decode), ""
         except ImageFailure as exc:
             return item, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad image must never kill a batch
             return item, None, f"error: {type(exc).__name__}: {exc}"
+
+
+def decode_one(path: str | bytes | TarMember, prep: Preprocess, device_decode: bool = False) -> np.ndarray | Encoded:
+    """One image as the loaders hand it over: its JPEG bytes when the device decodes it, else its decoded crop
+    (uint8 crop x crop x 3); ImageFailure when it cannot be read. `path` may be the image's bytes (an upload)."""
+    if device_decode:
+        encoded = read_encoded(path, prep)
+        if encoded is not None:
+            return encoded
+    return load_image(path, prep)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

@@ -131,19 +131,21 @@ async def search(request: Request) -> Response:
 
 
 async def _search(srv: Server, request: Request) -> list[dict[str, Any]]:
-    from featshard.extract.decode import ImageFailure, load_image
+    from featshard.extract.decode import ImageFailure
 
     upload = await read_upload(request, int(srv.options.max_upload_mb * (1 << 20)))
     k = srv.parse_k(upload.k)
-    try:
-        crop = await srv.run(srv.pool, load_image, upload.data, srv.state.prep)
-    except ImageFailure as exc:
-        raise ApiError(400, f"the upload is not a usable image: {exc.message}", exc.reason) from None
     assert srv.batcher is not None
     try:
-        return await srv.batcher.submit(Query(crop, k), srv.options.timeout)
+        sample = await srv.run(srv.pool, srv.state.decode, upload.data)
+        found = await srv.batcher.submit(Query(sample, k), srv.options.timeout)
+    except ImageFailure as exc:
+        raise ApiError(400, f"the upload is not a usable image: {exc.message}", exc.reason) from None
     except Overloaded as exc:
         raise ApiError(503, str(exc), "overloaded") from None
+    if isinstance(found, ImageFailure):
+        raise ApiError(400, f"the upload is not a usable image: {found.message}", found.reason)
+    return found
 
 
 async def neighbors(request: Request) -> Response:

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from featshard.errors import FeatshardError
+from featshard.extract.decode import ImageFailure
+from featshard.extract.gpudecode import Encoded
 from featshard.store.manifest import load_manifest
 from featshard.tools.config import ServeConfig
 
@@ -31,9 +33,10 @@ DEDUP_CACHE = 4  # thresholds whose groups are kept
 
 @dataclass(frozen=True)
 class Query:
-    """One decoded upload waiting for the model: its crop (uint8 crop x crop x 3) and how many results it wants."""
+    """One decoded upload waiting for the model: its crop (uint8 crop x crop x 3), or its JPEG bytes when the device
+    decodes them, and how many results it wants."""
 
-    crop: np.ndarray
+    sample: np.ndarray | Encoded
     k: int
 
 
@@ -74,27 +77,39 @@ class ServeState:
                       exc_info=not isinstance(exc, FeatshardError))
             self.on_failure()
 
-    def embed(self, crops: list[np.ndarray]) -> np.ndarray:
-        """THE model call of the server: decoded uint8 crops -> float32 vectors, cast to the run's stored dtype and
-        back (a float16 run's stored vectors are float16), so a stored image's query equals its stored vector."""
-        import torch
+    def decode(self, data: bytes) -> np.ndarray | Encoded:
+        """An upload as the run's loaders hand an image over (its JPEG bytes for a device decode, else its crop);
+        ImageFailure for bad input. Runs in the request's thread pool, not in the model thread."""
+        from featshard.extract.loader import decode_one
 
-        from featshard.extract.loader import Batch
+        return decode_one(data, self.prep, self.query.extractor.device_decode)
+
+    def embed(self, samples: list[np.ndarray | Encoded]) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """THE model call of the server, through the run's extraction step (`Extractor.features`): decoded uploads ->
+        (vectors cast to the run's stored dtype and back, so a stored image's query equals its stored vector; the
+        positions they belong to; {position: reason} of those a device decode could not read)."""
+        from featshard.extract.loader import collate
+        from featshard.store.inputs import Item
 
         self.forward_passes += 1
-        rows = list(range(len(crops)))
-        batch = Batch(rows, [str(r) for r in rows], torch.from_numpy(np.stack(crops)), [], [], [])
-        return self.query.stored_form(self.query.extractor.features(batch))
+        batch = collate([(Item(i, str(i), ""), sample, "") for i, sample in enumerate(samples)])
+        vectors = self.query.stored_form(self.query.extractor.features(batch))
+        return vectors, list(batch.rows), dict(zip(batch.failed_rows, batch.failed_reasons))
 
     def clamp_k(self, k: int) -> int:
         return max(1, min(int(k), MAX_K, max(1, self.index.ntotal)))
 
-    def search_batch(self, queries: list[Query]) -> list[list[dict[str, Any]]]:
-        """One forward pass and one faiss search for a batch of uploads (run by the batcher's model thread)."""
-        vectors = self.embed([q.crop for q in queries])
-        k = max(q.k for q in queries)
-        scores, ids = self.index.search(vectors, k)
-        return self.hits(scores, ids, [q.k for q in queries])
+    def search_batch(self, queries: list[Query]) -> list[list[dict[str, Any]] | ImageFailure]:
+        """One forward pass and one faiss search for a batch of uploads (run by the batcher's model thread); an
+        upload the device could not decode gets its ImageFailure instead of results."""
+        vectors, ok, failed = self.embed([q.sample for q in queries])
+        out: list[list[dict[str, Any]] | ImageFailure] = [
+            ImageFailure(*failed[i].partition(": ")[::2]) if i in failed else [] for i in range(len(queries))]
+        if ok:
+            scores, ids = self.index.search(vectors, max(queries[i].k for i in ok))
+            for i, hits in zip(ok, self.hits(scores, ids, [queries[i].k for i in ok])):
+                out[i] = hits
+        return out
 
     def hits(self, scores: np.ndarray, ids: np.ndarray, ks: list[int]) -> list[list[dict[str, Any]]]:
         """Result dicts per query, named through the index's sources (as `featshard search --json` names them)."""
