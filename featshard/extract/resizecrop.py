@@ -85,7 +85,7 @@ def _draft(im: Image.Image, target: tuple[int, int], orientation: int) -> float:
         return 1.0
     if im.draft("RGB", (tw, th)) is None:
         return 1.0
-    return float(im.decoderconfig[0])  # the DCT scale denominator draft chose (1, 2, 4 or 8)
+    return float(im.decoderconfig[0])  # type: ignore[attr-defined]  # JpegImageFile: the DCT scale draft chose
 
 
 def _center_crop(img: Image.Image, crop: int) -> Image.Image:

@@ -6,6 +6,7 @@ collected, decoded and run through the model once, then each file is rewritten a
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,7 +49,7 @@ def retry_failed(spec: Any, get_extractor: Callable[[], Any], stages: dict[str, 
     outcome = extract_rows(spec, get_extractor(), list(items_for_rows(spec.source, wanted)), stages)
     recovered = 0
     for path, _ in targets:
-        recovered += write(path, lambda path=path: rewrite_file(path, outcome))
+        recovered += write(path, functools.partial(rewrite_file, path, outcome))
     log.info("%s: %d of %d retried rows now have a feature; %d still fail", spec.shard.name, recovered,
              len(wanted), len(wanted) - recovered)
     return len(wanted), recovered

@@ -39,7 +39,8 @@ class ItemStream:
     """The input list streamed once, handed out shard range by shard range; hashes it as `scan_input` does."""
 
     def __init__(self, items: Iterator[Item] | None) -> None:
-        self._it, self._next = items, None
+        self._it: Iterator[Item] | None = items
+        self._next: Item | None = None
         self.digest, self.count, self.error = hashlib.sha256(), 0, ""
         self._advance()
 

@@ -36,7 +36,7 @@ class Hits:
     """Rows failing one check: how many, and the first few (a broken run of millions of rows stays cheap)."""
 
     def __init__(self) -> None:
-        self.count, self.examples = 0, []
+        self.count, self.examples = 0, list[int]()
 
     def add(self, rows: Any) -> None:
         rows = list(rows)

@@ -127,7 +127,7 @@ class RunLock:
             log.debug("cannot refresh %s: %s", self.path, exc)
 
     def _mine(self, info: dict[str, Any] | None) -> bool:
-        return bool(info) and info.get("pid") == self.me["pid"] and info.get("host") == self.me["host"]
+        return info is not None and info.get("pid") == self.me["pid"] and info.get("host") == self.me["host"]
 
     def release(self) -> None:
         self._stop.set()

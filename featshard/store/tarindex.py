@@ -18,7 +18,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, TextIO
 
 from featshard.errors import FeatshardError
 from featshard.store.atomic import write_atomic
@@ -56,16 +56,18 @@ class TarEntries:
     first when missing), or from a fresh header scan where the cache cannot be written."""
 
     def __init__(self, ref: TarRef) -> None:
-        self.ref, self.fh = ref, None
+        self.ref = ref
+        self.fh: TextIO | None = None
 
     def __enter__(self) -> tuple[int, Iterator[tuple[str, int, int]]]:
         path = ensure_index(self.ref)
         if path is None:
             count = sum(1 for _ in TarScan(self.ref.path))
             return count, TarScan(self.ref.path)
-        self.fh = open(path, encoding="utf-8")
-        header = json.loads(self.fh.readline())
-        return int(header["samples"]), (tuple(json.loads(line)) for line in self.fh)  # type: ignore[misc]
+        self.fh = fh = open(path, encoding="utf-8")
+        header = json.loads(fh.readline())
+        entries = ((str(m), int(o), int(s)) for m, o, s in map(json.loads, fh))
+        return int(header["samples"]), entries
 
     def __exit__(self, *exc: object) -> None:
         if self.fh is not None:
@@ -160,7 +162,7 @@ class TarScan:
                 except tarfile.TarError as exc:  # "unexpected end of data": a member's data runs past the end
                     self._stop(f"{exc}")
                     return
-                tf.members.clear()  # tarfile keeps every header it read: not for millions of members
+                tf.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read
                 if info is None:
                     self._check_end(fh, tf.offset, end)
                     return

@@ -27,8 +27,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from featshard.extract.decode import ImageFailure
+from featshard.tools.serve.accesslog import AccessLog
 from featshard.tools.serve.batcher import Batcher, Overloaded
 from featshard.tools.serve.state import Query, ServeState
 from featshard.tools.serve.thumbs import ThumbCache, make_thumbnail
@@ -37,7 +38,6 @@ from featshard.store.inputs import read_item_bytes
 from featshard.store.webdataset import TarMember
 
 log = logging.getLogger("featshard.serve")
-access = logging.getLogger("featshard.serve.access")
 _ID = re.compile(r"[0-9]{1,18}")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -57,7 +57,7 @@ class Server:
 
     def __init__(self, state: ServeState) -> None:
         self.state, self.options = state, state.options
-        self.batcher: Batcher[Query, list[dict[str, Any]]] | None = None
+        self.batcher: Batcher[Query, list[dict[str, Any]] | ImageFailure] | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2), "featshard-io")
         self.dedup_pool = concurrent.futures.ThreadPoolExecutor(1, "featshard-dedup")
         self.thumbs = ThumbCache(self.options.thumb_cache_mb << 20)
@@ -131,8 +131,6 @@ async def search(request: Request) -> Response:
 
 
 async def _search(srv: Server, request: Request) -> list[dict[str, Any]]:
-    from featshard.extract.decode import ImageFailure
-
     upload = await read_upload(request, int(srv.options.max_upload_mb * (1 << 20)))
     k = srv.parse_k(upload.k)
     assert srv.batcher is not None
@@ -256,33 +254,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, "internal error (logged by the server)", "internal")
-
-
-class AccessLog:
-    """Pure ASGI middleware: one line per HTTP request, `METHOD PATH STATUS MS` (path as sent, still %-encoded)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started, status = time.monotonic(), [0]
-
-        async def send_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope.get("raw_path") or scope["path"].encode()
-            query = f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
-            client = scope.get("client") or ("-", 0)
-            access.info("%s %s %s%s %d %.1f ms", client[0], scope["method"], path.decode("latin-1"), query[:200],
-                        status[0], (time.monotonic() - started) * 1000)
 
 
 def create_app(state: ServeState) -> Starlette:

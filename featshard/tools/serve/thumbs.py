@@ -25,7 +25,7 @@ def make_thumbnail(path: str | TarMember, max_pixels: int, size: int = THUMB_SIZ
 
     with open_source(path) as fh:
         try:
-            im = Image.open(fh)
+            im: Image.Image = Image.open(fh)
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageFailure("too_large", f"{width}x{height} pixels > max_pixels {max_pixels}")

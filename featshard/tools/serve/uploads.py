@@ -10,7 +10,7 @@ message), never a 500.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -51,7 +51,8 @@ async def read_upload(request: Request, limit: int) -> Upload:
         if request.headers.get("expect", "").lower() != "100-continue":  # else the client waits and sends nothing
             await body.drain(limit * DRAIN_FACTOR)
         raise _too_large(limit)
-    parser = MultiPartParser(request.headers, body.chunks(), max_files=1, max_fields=4, max_part_size=MAX_FIELD_BYTES)
+    chunks: Any = body.chunks()  # any async iterator of bytes (starlette's type asks for a generator)
+    parser = MultiPartParser(request.headers, chunks, max_files=1, max_fields=4, max_part_size=MAX_FIELD_BYTES)
     try:
         form = await parser.parse()
     except _TooLarge:
