@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from featshard.index.config import AddConfig, DedupConfig, MergeConfig, SearchConfig
 from featshard.options import takes
-from featshard.runner.config import RunConfig, StatusConfig, VerifyConfig
+from featshard.runner.config import DoctorConfig, RunConfig, StatusConfig, VerifyConfig
 
 if TYPE_CHECKING:
     from typing import Any
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from featshard.index.openrun import Run
     from featshard.index.reader import IndexInfo
     from featshard.index.search import QueryResult
+    from featshard.runner.doctor import DoctorReport
     from featshard.runner.report import RunSummary
     from featshard.runner.verify import Report
 
@@ -94,3 +95,12 @@ def status(config: StatusConfig) -> dict[str, Any]:
     from featshard.runner.status import run_status
 
     return run_status(config)
+
+
+@takes(DoctorConfig)
+def doctor(config: DoctorConfig) -> DoctorReport:
+    """torch/CUDA/driver/GPU/faiss facts of this machine and what would go wrong on it (`report.ok`,
+    `report.problems`)."""
+    from featshard.runner.doctor import doctor as run_doctor
+
+    return run_doctor()

@@ -40,7 +40,7 @@ RUN_OPTS = ["--model", "mobilenet_v2", "--weights", "none", "--precision", "fp32
 CASES = {  # (not named "gpu": conftest skips tests with that keyword where CUDA is missing)
     "gpu_nodes": ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj42", "--time",
             "12:00:00", "--cpus-per-gpu", "6", "--mem", "480G", "--array-parallelism", "2", "--sbatch-arg=--qos=high",
-            "--sbatch-arg=--constraint=a100", "--signal", "B:USR2@120", "--max-requeues", "5",
+            "--sbatch-arg=--constraint=a100", "--signal", "B:USR2@120", "--max-requeues", "5", "--merge-gpu",
             "--merge-arg=--index-spec=IVF1024,PQ32", "--model", "resnet50", "--weights", "DEFAULT", "--layer",
             "avgpool", "--pool", "gem", "--dtype", "float16", "--precision", "bf16", "--batch-size", "256",
             "--chunk-size", "4096"],
@@ -87,9 +87,29 @@ def test_scripts_carry_no_cluster_assumptions(tmp_path: Path) -> None:
     extract = scripts["extract"]
     assert "--gres" not in extract and "--exclusive" not in extract
     assert "--gpus cpu:3 --num-nodes 2 --node-rank \"$SLURM_ARRAY_TASK_ID\"" in extract
-    assert "#SBATCH --cpus-per-task=12" in extract and "#SBATCH --array=0-1\n" in extract
+    assert "#SBATCH --cpus-per-task=48" in extract and "#SBATCH --array=0-1\n" in extract  # 3 workers x 16 CPUs
     assert "FEATSHARD_PYTHON='/opt/fake env/bin/python'" in extract and "activate" not in extract
     assert "PYTHONPATH" not in extract  # a python that cannot be checked here is trusted as given
+
+
+def test_gpu_defaults_feed_the_gpus_and_the_merge_asks_for_its_gpu(tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "list.txt", ["a.jpg"])
+
+    def scripts(*extra: str) -> tuple[str, str]:
+        cli("slurm", "--input", str(listing), "--out", str(tmp_path / "run"), "--nodes", "1", "--gpus-per-node", "4",
+            *extra, check=True)
+        return tuple((tmp_path / "run" / "slurm" / f"{n}.sbatch").read_text() for n in ("extract", "merge"))
+
+    extract, merge = scripts("--no-merge-gpu")
+    assert "#SBATCH --cpus-per-task=64\n" in extract and "--exclusive" not in extract  # 16 CPUs per GPU
+    assert "--gres=gpu:1" not in merge and "-m featshard merge " in merge and " --no-gpu" in merge
+    extract, merge = scripts("--exclusive", "--merge-gpu")
+    assert "#SBATCH --exclusive\n" in extract and "--cpus-per-task" not in extract
+    assert "#SBATCH --gres=gpu:4\n" in extract
+    assert "#SBATCH --gres=gpu:1\n" in merge and " --gpu" in merge and "--no-gpu" not in merge
+    proc = cli("slurm", "--input", str(listing), "--out", str(tmp_path / "run"), "--nodes", "1", "--gpus-per-node",
+               "4", "--merge-arg=--gpu")
+    assert proc.returncode == 2 and "--merge-gpu" in proc.stderr
 
 
 def test_another_warning_signal_is_trapped_and_forwarded_as_usr2(tmp_path: Path) -> None:
@@ -372,14 +392,14 @@ def test_merge_is_cancelled_when_a_task_fails(slurm_env: dict[str, str], tmp_pat
 
 PROBE = """
 import json, os, sys
-from featshard.runner.coordinator import add_arguments, node_layout
+from featshard.cli import build_parser
+from featshard.options import from_namespace
+from featshard.runner.config import RunConfig
+from featshard.runner.coordinator import node_layout
 from featshard.runner.devices import parse_gpus, physical_id
-import argparse
 argv = sys.argv[1:]
 assert argv[:3] == ["-m", "featshard", "run"], argv
-parser = argparse.ArgumentParser()
-add_arguments(parser)
-args = parser.parse_args(argv[3:])
+args = from_namespace(RunConfig, build_parser(argv[2:]).parse_args(argv[2:]))
 cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
 devices = parse_gpus(args.gpus, visible=len(cvd.split(",")) if cvd else 0)
 nodes, rank = node_layout(args)

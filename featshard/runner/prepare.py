@@ -23,7 +23,7 @@ from featshard.extract.graph import check_graph
 from featshard.extract.models import ModelSpec, library_versions, resolve_precision, weights_identity
 from featshard.extract.preprocess import Preprocess
 from featshard.runner.config import RunConfig
-from featshard.runner.devices import Device
+from featshard.runner.devices import Device, capabilities
 from featshard.store.atomic import write_json_atomic
 from featshard.store.inputs import InputSource, open_input, scan_input
 from featshard.store.manifest import diff_fields, fingerprint_of, load_manifest
@@ -80,8 +80,9 @@ def scan(config: RunConfig) -> Scanned:
     return Scanned(source, rows, sha, check_out_dir(config.out))
 
 
-def model_spec(config: RunConfig, device_kind: str) -> ModelSpec:
-    """The model as asked for (layer still unresolved); no torch import."""
+def model_spec(config: RunConfig, devices: list[Device]) -> ModelSpec:
+    """The model as asked for (layer still unresolved); no torch import (a GPU's capability comes from the probe
+    subprocess, see featshard.runner.gpuprobe)."""
     weights = config.weights
     if weights.lower() == "none":
         weights = "none"
@@ -89,7 +90,9 @@ def model_spec(config: RunConfig, device_kind: str) -> ModelSpec:
         weights = "DEFAULT"
     else:
         weights = os.path.abspath(os.path.expanduser(weights))
-    precision = resolve_precision(config.precision, device_kind)
+    kind = devices[0].kind
+    caps = capabilities(devices) if kind == "cuda" and config.precision == "auto" else []
+    precision = resolve_precision(config.precision, kind, caps)
     check_graph(config.graph, precision)
     return ModelSpec(name=config.model, weights=weights, layer=config.layer, pool=config.pool,
                      normalize=config.normalize, precision=precision, seed=config.seed, graph=config.graph)
@@ -164,7 +167,7 @@ def existing_manifest(run_dir: str, overwrite: bool) -> dict[str, Any] | None:
 def prepare(config: RunConfig, devices: list[Device], num_nodes: int, scanned: Scanned) -> Prepared:
     """Resolve and check the config against what `--out` holds; run it holding the run lock (it may rewrite
     the manifest, or clear the run with --overwrite)."""
-    spec = model_spec(config, devices[0].kind)
+    spec = model_spec(config, devices)
     request = request_of(config, spec, scanned.input_sha256)
     plan = plan_shards(scanned.rows, [str(d) for d in devices], num_nodes)
     old = existing_manifest(scanned.run_dir, config.overwrite)
