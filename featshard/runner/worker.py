@@ -177,7 +177,8 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
         except OSError:  # the disk that failed the shard may fail this too: the shard's error matters more
             pass
         if not stopped and retryable(exc):
-            raise ShardFault(f"{spec.shard.name} on {spec.shard.device} {extractor.identity.get('device_uuid', '')}: "
+            uuid = extractor.identity.get("device_uuid")
+            raise ShardFault(f"{spec.shard.name} on {spec.shard.device}{f' ({uuid})' if uuid else ''}: "
                              f"{type(exc).__name__}: {exc}") from exc
         raise
     progress.set(force=True, state="complete", stage="done")
