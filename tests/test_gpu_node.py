@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import cli, make_images, mobilenet_weights, read_all, write_list
 
+from featshard.runner.gpuprobe import nvidia_uuid
+
 pytestmark = pytest.mark.gpu
 
 
@@ -64,7 +66,7 @@ def test_every_worker_has_its_own_gpu_named_as_nvidia_smi_names_it(listing: Path
     assert len(uuids) == n_gpus() and len(set(uuids)) == len(uuids) and set(uuids) <= set(smi), (uuids, smi)
     for shard in summary["shards"]:  # shard i ran on cuda:i, the i-th GPU torch sees here
         index = int(shard["device"].split(":")[1])
-        assert shard["device_uuid"] == f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+        assert shard["device_uuid"] == nvidia_uuid(torch.cuda.get_device_properties(index).uuid)
         progress = json.loads((out / "shards" / f"{shard['shard']}.progress.json").read_text())
         assert progress["device_uuid"] == shard["device_uuid"] and progress["state"] == "complete"
 

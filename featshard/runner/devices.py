@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 
 from featshard.errors import UsageError
-from featshard.runner.gpuprobe import DRIVER_ROOTS, CudaView, check_driver_seen, cuda_view, driver_present
+from featshard.runner.gpuprobe import (DRIVER_ROOTS, CudaView, check_driver_seen, cuda_view, driver_present,
+                                       nvidia_uuid)
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -83,8 +84,7 @@ def device_identity(device: str) -> dict[str, str]:
     import torch
 
     props = torch.cuda.get_device_properties(torch.device(device))
-    uuid = str(getattr(props, "uuid", ""))
-    return {"device_name": props.name, "device_uuid": uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}",
+    return {"device_name": props.name, "device_uuid": nvidia_uuid(getattr(props, "uuid", "")),
             "device_capability": f"{props.major}.{props.minor}",
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featshard import __version__
-from featshard.runner.gpuprobe import DRIVER_ROOTS, deliberately_hidden, driver_present, driver_version, no_gpu_message
+from featshard.runner.gpuprobe import (DRIVER_ROOTS, deliberately_hidden, driver_present, driver_version,
+                                       no_gpu_message, nvidia_uuid)
 from featshard.system import cpu_budget
 
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu-cu12-cuvs",
@@ -65,10 +66,9 @@ def torch_facts() -> dict[str, Any]:
     gpus = []
     for i in range(torch.cuda.device_count() if available else 0):
         p = torch.cuda.get_device_properties(i)
-        uuid = str(getattr(p, "uuid", ""))
         gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib":
-                     round(p.total_memory / 2**30, 1), "uuid": uuid if uuid.startswith(("GPU-", "MIG-")) else
-                     f"GPU-{uuid}", "bf16": (p.major, p.minor) >= (8, 0)})
+                     round(p.total_memory / 2**30, 1), "uuid": nvidia_uuid(getattr(p, "uuid", "")),
+                     "bf16": (p.major, p.minor) >= (8, 0)})
     return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": available,
             "torch_gpus": len(gpus), "gpus": gpus,
             "cuda_warning": "; ".join(str(w.message) for w in caught if "CUDA" in str(w.message)) or None}

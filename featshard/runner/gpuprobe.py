@@ -106,7 +106,7 @@ def probe() -> CudaView:
                              "nvidia-smi should answer at once") from None
     except (OSError, ValueError, IndexError) as exc:
         raise FeatshardError(f"could not ask torch for the GPUs: {exc}") from None
-    devices = tuple(GpuInfo(d["name"], (int(d["capability"][0]), int(d["capability"][1])), _uuid(d["uuid"]),
+    devices = tuple(GpuInfo(d["name"], (int(d["capability"][0]), int(d["capability"][1])), nvidia_uuid(d["uuid"]),
                             int(d["memory"])) for d in data["devices"])
     view = CudaView(int(data["count"]), devices, data["torch"], data["cuda"], data["error"], True)
     log.debug("torch %s (CUDA %s) sees %d GPU(s): %s", view.torch, view.cuda, view.count,
@@ -114,7 +114,9 @@ def probe() -> CudaView:
     return view
 
 
-def _uuid(text: str) -> str:
+def nvidia_uuid(text: str) -> str:
+    """A device UUID as nvidia-smi prints it (torch's `get_device_properties(i).uuid` has no `GPU-` prefix)."""
+    text = str(text)
     return text if not text or text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
