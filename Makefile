@@ -7,8 +7,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 EXTRAS ?= test,demo
-# stamp: `install` runs again only when pyproject.toml changes (or after `make distclean`)
-STAMP := $(VENV)/.featshard-installed
+# make install GPU=1: the GPU build of faiss instead of the CPU one (exclusive: both own `faiss/`; see pyproject.toml)
+GPU ?=
+FAISS := $(if $(filter 1 yes true,$(GPU)),gpu,cpu)
+FAISS_PKG_cpu := faiss-cpu>=1.8
+FAISS_PKG_gpu := faiss-gpu>=1.15
+# every other distribution that installs the `faiss` package (removed before the chosen build is installed)
+FAISS_OTHERS_cpu := faiss-gpu faiss-gpu-cu12 faiss-gpu-cu11 faiss-gpu-cu12-cuvs faiss-gpu-cuvs faiss-cuda
+FAISS_OTHERS_gpu := faiss-cpu faiss-gpu-cu12 faiss-gpu-cu11 faiss-gpu-cu12-cuvs faiss-gpu-cuvs faiss-cuda
+# stamp: `install` runs again when pyproject.toml changes, when GPU= changes (or after `make distclean`)
+STAMP := $(VENV)/.featshard-installed-$(FAISS)
 # embedding-reader + autofaiss (tests read exports with them) pin numpy < 2: their own venv
 ECO_VENV ?= .venv-eco
 ECO_STAMP := $(ECO_VENV)/.featshard-installed
@@ -37,19 +45,24 @@ RUN ?=
 SERVE_ARGS ?=
 
 .PHONY: help install eco-venv install-simd install-browser demo test test-fast lint bench serve clean distclean \
-	slurm-dry-run slurm-submit slurm-vars
+	slurm-dry-run slurm-submit slurm-vars doctor gpu-check
 
 help:  ## list the targets (this text)
 	@echo "featshard: make TARGET"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/  \1\t\2/' | expand -t 18
-	@echo "variables: DEMO_ARGS PYTEST_ARGS BENCH_ARGS RUFF_ARGS INPUT OUT NODES GPUS SLURM_ARGS RUN SERVE_ARGS PYTHON VENV"
+	@echo "variables: DEMO_ARGS PYTEST_ARGS BENCH_ARGS RUFF_ARGS INPUT OUT NODES GPUS SLURM_ARGS RUN SERVE_ARGS PYTHON VENV GPU"
 
-install: $(STAMP)  ## create .venv and install featshard with its test and demo extras (once)
+install: $(STAMP)  ## create .venv and install featshard with its test and demo extras (once); GPU=1: faiss's GPU build
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[$(EXTRAS)]'
+	@removed=$$($(PIP) list --format=freeze 2>/dev/null | cut -d= -f1 | tr A-Z_ a-z- | grep -xF -e $(subst $(eval) , -e ,$(FAISS_OTHERS_$(FAISS))) || true); \
+	if [ -n "$$removed" ]; then echo "removing $$removed (the $(FAISS) build of faiss replaces it)"; $(PIP) uninstall -y $$removed; \
+	  $(PIP) install --force-reinstall --no-deps '$(FAISS_PKG_$(FAISS))'; fi
+	$(PIP) install -e '.[$(FAISS),$(EXTRAS)]'
 	$(PIP) install --no-deps $(NODEPS)
+	$(PY) -c 'import faiss; gpu = hasattr(faiss, "StandardGpuResources"); assert gpu == ("$(FAISS)" == "gpu"), f"faiss {faiss.__version__}: GPU build {gpu}, wanted $(FAISS)"; print("faiss", faiss.__version__, "($(FAISS) build)")'
+	rm -f $(VENV)/.featshard-installed*
 	touch $@
 
 eco-venv: $(ECO_STAMP)  ## create .venv-eco: embedding-reader + autofaiss, which tests read exports with (once)
@@ -58,6 +71,12 @@ $(ECO_STAMP): $(ECO_REQS)
 	test -x $(ECO_VENV)/bin/python || $(PYTHON) -m venv $(ECO_VENV)
 	$(ECO_VENV)/bin/python -m pip install -q -r $(ECO_REQS)
 	touch $@
+
+doctor: install  ## featshard doctor: torch, CUDA, driver, GPU and faiss facts, and what would go wrong here
+	$(PY) -m featshard doctor
+
+gpu-check: install  ## on a GPU machine (< 10 min): doctor, the `gpu` tests, a throughput line (GPU=1 for GPU faiss)
+	bash scripts/gpu-check.sh $(PY)
 
 demo: install  ## build the demo set and run run -> merge -> search on it (all GPUs, else CPU)
 	$(PY) -m featshard demo $(DEMO_ARGS)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from featshard.index.config import AddConfig, DedupConfig, MergeConfig, SearchConfig
 from featshard.options import takes
-from featshard.runner.config import RunConfig, StatusConfig, VerifyConfig
+from featshard.runner.config import DoctorConfig, RunConfig, StatusConfig, VerifyConfig
 from featshard.tools.config import ExportConfig, ServeConfig
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from featshard.index.openrun import Run
     from featshard.index.reader import IndexInfo
     from featshard.index.search import QueryResult
+    from featshard.runner.doctor import DoctorReport
     from featshard.runner.report import RunSummary
     from featshard.runner.verifyreport import Report
     from featshard.tools.export import ExportResult
@@ -107,9 +108,19 @@ def status(config: StatusConfig) -> dict[str, Any]:
     return run_status(config)
 
 
+
 @takes(ServeConfig)
 def serve(config: ServeConfig) -> None:
     """Serve a run's index over HTTP (JSON API and a result gallery at `/`) until SIGINT/SIGTERM."""
     from featshard.tools.serve.command import serve as serve_forever
 
     serve_forever(config)
+
+
+@takes(DoctorConfig)
+def doctor(config: DoctorConfig) -> DoctorReport:
+    """torch/CUDA/driver/GPU/faiss facts of this machine and what would go wrong on it (`report.ok`,
+    `report.problems`)."""
+    from featshard.runner.doctor import doctor as run_doctor
+
+    return run_doctor()

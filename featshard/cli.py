@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "write a run's vectors as clip-retrieval npy + parquet, or parquet"),
     "status": ("featshard.runner.config:StatusConfig", "per-shard progress of a run, live or after a crash"),
     "slurm": ("featshard.runner.config:SlurmConfig", "write (and submit) SLURM job-array scripts for a run"),
+    "doctor": ("featshard.runner.config:DoctorConfig", "torch, CUDA, driver, GPU and faiss facts of this machine"),
     "bench": ("featshard.tools.config:BenchConfig", "measure decode, model and end-to-end throughput side by side"),
     "demo": ("featshard.tools.config:DemoConfig", "build the embedded demo set and run run/merge/search on it"),
     "serve": ("featshard.tools.config:ServeConfig", "HTTP search service and result gallery over a run's index"),
@@ -168,6 +169,19 @@ def _slurm(config: Any) -> int:
     return 0
 
 
+def _doctor(config: Any) -> int:
+    report = api.doctor.with_config(config)
+    if config.json:
+        _json(report.to_dict())
+    else:
+        for key, value in report.facts.items():
+            print(f"{key:<24} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        for problem in report.problems:
+            print(f"PROBLEM: {problem}")
+        print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
 def _bench(config: Any) -> int:
     from featshard.tools.bench import bench
     from featshard.tools.benchreport import table
@@ -193,5 +207,6 @@ def _serve(config: Any) -> int:
 # command -> presenter: calls the API with the config, prints the result, returns the exit status
 SHOW: dict[str, Callable[[Any], int]] = {
     "run": _run, "merge": _merge, "search": _search, "verify": _verify, "dedup": _dedup, "add": _add,
-    "export": _export, "status": _status, "slurm": _slurm, "bench": _bench, "demo": _demo, "serve": _serve,
+    "export": _export, "status": _status, "slurm": _slurm, "doctor": _doctor, "bench": _bench, "demo": _demo,
+    "serve": _serve,
 }

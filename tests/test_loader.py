@@ -134,3 +134,40 @@ def test_decode_one_hands_over_what_the_loaders_would(tmp_path: Path) -> None:
     assert decode_one(jpeg.getvalue(), prep).shape == (224, 224, 3)  # type: ignore[union-attr]
     with pytest.raises(ImageFailure, match="not_image"):
         decode_one(b"not an image at all", prep, device_decode=True)
+
+
+def test_loader_split_follows_the_cpu_budget_and_is_capped() -> None:
+    from featshard.extract.loader import MAX_LOADERS_PER_DEVICE, loader_split
+    from featshard.system import CpuBudget
+
+    assert loader_split(8, CpuBudget(128, None))[0] == 15  # (128 - 8) // 8
+    assert loader_split(8, CpuBudget(128, 32.0))[0] == 3  # a container limited to 32 CPUs
+    assert loader_split(1, CpuBudget(256, None))[0] == MAX_LOADERS_PER_DEVICE == 32
+    n, text = loader_split(2, CpuBudget(2, None))
+    assert n == 1 and "1 loader processes per device x 2 device(s)" in text and "2 usable CPUs" in text
+
+
+def test_fit_shm_lowers_prefetch_then_loaders_then_refuses() -> None:
+    from featshard.errors import UsageError
+    from featshard.extract.loader import fit_shm, shm_need
+
+    image = 224 * 224 * 3
+    mib = 2**20
+    plan = fit_shm(64 * 1024 * mib, 8, 15, 4, image, 128)  # a 64 GiB /dev/shm feeds 8 GPUs as asked
+    assert (plan.loaders, plan.prefetch, plan.changed) == (15, 4, False)
+    assert plan.need == shm_need(8, 15, 4, image * 128) == 8 * 61 * image * 128
+    plan = fit_shm(64 * mib, 2, 2, 4, image, 32)  # 51 MiB usable: 2 x (2 x 4 + 1) x 4.6 MiB does not fit
+    assert (plan.loaders, plan.prefetch, plan.changed) == (2, 2, True) and plan.need <= 0.8 * 64 * mib
+    plan = fit_shm(64 * mib, 2, 6, 4, image, 64)  # the case: 6 loaders of 9.2 MiB batches
+    assert (plan.loaders, plan.prefetch) == (1, 1)
+    with pytest.raises(UsageError) as err:
+        fit_shm(16 * mib, 2, 6, 4, image, 64)
+    assert "--shm-size" in str(err.value) and "lower --batch-size to 22 or less" in str(err.value)
+
+
+def test_batches_are_stacked_into_shared_memory_in_loader_processes(listing: tuple[Path, list[Path]]) -> None:
+    source = open_input(listing[0])
+    (batch,) = list(make_loader(ChunkBatches(source, [(0, 4)], 4), PREP, workers=1, pin=False))
+    assert batch.pixels.is_shared() and batch.pixels.shape == (4, 224, 224, 3)
+    (local,) = list(make_loader(ChunkBatches(source, [(0, 4)], 4), PREP, workers=0, pin=False))
+    assert not local.pixels.is_shared() and np.array_equal(local.pixels.numpy(), batch.pixels.numpy())

@@ -48,14 +48,17 @@ def test_random_init_is_identical_for_the_same_seed() -> None:
     assert torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.conv1.weight, c.conv1.weight)
 
 
-def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precision_resolution(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(models, "_gpus_have_bf16", lambda: False)
-    assert resolve_precision("auto", "cuda") == "fp16"
-    assert resolve_precision("fp32", "cuda") == "fp32"
+    caplog.set_level("INFO", logger="featshard.extract.models")
+    assert resolve_precision("auto", "cuda", [(9, 0), (8, 0)]) == "bf16"  # H100 + A100: every device has bf16
+    assert resolve_precision("auto", "cuda", [(9, 0), (7, 5)]) == "fp16"  # one T4 among them: all use fp16
+    assert resolve_precision("auto", "cuda", []) == "fp16"  # unknown: the precision every GPU has
+    assert "--precision auto: fp16 (compute capability 7.5, 9.0 of 2 selected GPU(s)" in caplog.text
+    assert resolve_precision("fp32", "cuda", [(7, 0)]) == "fp32"
     with pytest.raises(UsageError):
         resolve_precision("fp16", "cpu")
     with pytest.raises(UsageError):

@@ -45,7 +45,7 @@ def test_nonexistent_and_empty_list(capsys: pytest.CaptureFixture[str], tmp_path
 @pytest.mark.parametrize("extra, message", [
     (["--model", "resnet5000"], "unknown model 'resnet5000'"),
     (["--model", "resnet18", "--layer", "layer9"], "unknown --layer 'layer9'"),
-    (["--gpus", "0-3"], "not visible"),
+    (["--gpus", "0-63"], "not visible"),  # invalid on a GPU node too
     (["--gpus", "cpu:zero"], "cpu:N needs a worker count"),
 ])
 def test_bad_model_layer_devices(capsys: pytest.CaptureFixture[str], small_list: Path, tmp_path: Path,

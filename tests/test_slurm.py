@@ -40,7 +40,7 @@ RUN_OPTS = ["--model", "mobilenet_v2", "--weights", "none", "--precision", "fp32
 CASES = {  # (not named "gpu": conftest skips tests with that keyword where CUDA is missing)
     "gpu_nodes": ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj42", "--time",
             "12:00:00", "--cpus-per-gpu", "6", "--mem", "480G", "--array-parallelism", "2", "--sbatch-arg=--qos=high",
-            "--sbatch-arg=--constraint=a100", "--signal", "B:USR2@120", "--max-requeues", "5",
+            "--sbatch-arg=--constraint=a100", "--signal", "B:USR2@120", "--max-requeues", "5", "--merge-gpu",
             "--merge-arg=--index-spec=IVF1024,PQ32", "--model", "resnet50", "--weights", "DEFAULT", "--layer",
             "avgpool", "--pool", "gem", "--dtype", "float16", "--precision", "bf16", "--batch-size", "256",
             "--chunk-size", "4096"],
@@ -87,9 +87,29 @@ def test_scripts_carry_no_cluster_assumptions(tmp_path: Path) -> None:
     extract = scripts["extract"]
     assert "--gres" not in extract and "--exclusive" not in extract
     assert "--gpus cpu:3 --num-nodes 2 --node-rank \"$SLURM_ARRAY_TASK_ID\"" in extract
-    assert "#SBATCH --cpus-per-task=12" in extract and "#SBATCH --array=0-1\n" in extract
+    assert "#SBATCH --cpus-per-task=48" in extract and "#SBATCH --array=0-1\n" in extract  # 3 workers x 16 CPUs
     assert "FEATSHARD_PYTHON='/opt/fake env/bin/python'" in extract and "activate" not in extract
     assert "PYTHONPATH" not in extract  # a python that cannot be checked here is trusted as given
+
+
+def test_gpu_defaults_feed_the_gpus_and_the_merge_asks_for_its_gpu(tmp_path: Path) -> None:
+    listing = write_list(tmp_path / "list.txt", ["a.jpg"])
+
+    def scripts(*extra: str) -> tuple[str, str]:
+        cli("slurm", "--input", str(listing), "--out", str(tmp_path / "run"), "--nodes", "1", "--gpus-per-node", "4",
+            *extra, check=True)
+        return tuple((tmp_path / "run" / "slurm" / f"{n}.sbatch").read_text() for n in ("extract", "merge"))
+
+    extract, merge = scripts("--no-merge-gpu")
+    assert "#SBATCH --cpus-per-task=64\n" in extract and "--exclusive" not in extract  # 16 CPUs per GPU
+    assert "--gres=gpu:1" not in merge and "-m featshard merge " in merge and " --no-gpu" in merge
+    extract, merge = scripts("--exclusive", "--merge-gpu")
+    assert "#SBATCH --exclusive\n" in extract and "--cpus-per-task" not in extract
+    assert "#SBATCH --gres=gpu:4\n" in extract
+    assert "#SBATCH --gres=gpu:1\n" in merge and " --gpu" in merge and "--no-gpu" not in merge
+    proc = cli("slurm", "--input", str(listing), "--out", str(tmp_path / "run"), "--nodes", "1", "--gpus-per-node",
+               "4", "--merge-arg=--gpu")
+    assert proc.returncode == 2 and "--merge-gpu" in proc.stderr
 
 
 def test_another_warning_signal_is_trapped_and_forwarded_as_usr2(tmp_path: Path) -> None:
@@ -297,22 +317,25 @@ def logs_tail(out: Path, lines: int = 15) -> str:
     return "\n".join(tails) or "(no logs)"
 
 
-def freeze_mid_run(extra: dict[str, str], out: Path, task: str, shard: str, timeout: float = 120) -> int:
-    """SIGSTOP the shard's worker as soon as its first chunk is durable, so the task is certainly mid-run when the
-    test interrupts it, however fast this machine is. SLURM's kill sequence (SIGCONT, SIGTERM, ...) or the
-    coordinator's stop (SIGTERM, SIGKILL after a grace period) then ends the worker as it would a hung one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        progress = read_progress(str(out), shard) or {}
-        if durable_rows(str(out), shard) >= 2 and progress.get("pid"):
-            os.kill(int(progress["pid"]), signal.SIGSTOP)
-            break
-        assert time.monotonic() < deadline, f"{shard}: no finished chunk after {timeout} s\n{logs_tail(out)}"
-        if not slurm_cmd(extra, "squeue", "-h", "-j", task, "-o", "%i", check=False).strip():
-            pytest.fail(f"task {task} ended before its first chunk\n{logs_tail(out)}")
+def freeze_mid_run(extra: dict[str, str], out: Path, tasks: dict[str, str], timeout: float = 120) -> None:
+    """SIGSTOP each shard's worker as soon as its first chunk is durable, watching all the tasks at once (they run in
+    parallel: one may finish while the test waits for another), so every task is certainly mid-run when the test
+    interrupts it, however fast this machine is. SLURM's kill sequence (SIGCONT, SIGTERM, ...) or the coordinator's
+    stop (SIGTERM, SIGKILL after a grace period) then ends the worker as it would a hung one. `tasks`: shard -> task."""
+    deadline, frozen = time.monotonic() + timeout, set()
+    while len(frozen) < len(tasks):
+        for shard, task in tasks.items():
+            progress = read_progress(str(out), shard) or {}
+            if shard not in frozen and durable_rows(str(out), shard) >= 2 and progress.get("pid"):
+                os.kill(int(progress["pid"]), signal.SIGSTOP)
+                frozen.add(shard)
+                assert durable_rows(str(out), shard) < ROWS // 2 and not (out / "shards" / f"{shard}.h5").exists()
+            elif shard not in frozen and not slurm_cmd(extra, "squeue", "-h", "-j", task, "-o", "%i",
+                                                       check=False).strip():
+                pytest.fail(f"task {task} ended before its first chunk\n{logs_tail(out)}")
+        assert time.monotonic() < deadline, f"{sorted(set(tasks) - frozen)}: no finished chunk after {timeout} s\n" \
+            f"{logs_tail(out)}"
         time.sleep(0.02)
-    assert durable_rows(str(out), shard) < ROWS // 2 and not (out / "shards" / f"{shard}.h5").exists()
-    return int(progress["pid"])
 
 
 @pytest.mark.slurm
@@ -324,11 +347,10 @@ def test_requeued_tasks_resume_without_duplicate_or_missing_rows(
     out = tmp_path / "run"
     ids = submit(slurm_env, listing, out)
     array = ids["extract"]
-    freeze_mid_run(slurm_env, out, f"{array}_0", "shard-00000-of-00002")
+    freeze_mid_run(slurm_env, out, {"shard-00000-of-00002": f"{array}_0", "shard-00001-of-00002": f"{array}_1"})
     live = collect(str(out))["shards"][0]  # what `featshard status` shows while the task runs
     assert live["state"] in ACTIVE and live["durable"] >= 2 and live["host"] == socket.gethostname(), live
     slurm_cmd(slurm_env, "scontrol", "requeue", f"{array}_0")
-    freeze_mid_run(slurm_env, out, f"{array}_1", "shard-00001-of-00002")
     slurm_cmd(slurm_env, "scancel", "--batch", "--signal=USR2", f"{array}_1")
     wait_gone(slurm_env, [array, ids["merge"]], out)
     tasks = {t["ArrayTaskId"]: t for t in jobs(slurm_env, array)}
@@ -372,14 +394,14 @@ def test_merge_is_cancelled_when_a_task_fails(slurm_env: dict[str, str], tmp_pat
 
 PROBE = """
 import json, os, sys
-from featshard.runner.coordinator import add_arguments, node_layout
+from featshard.cli import build_parser
+from featshard.options import from_namespace
+from featshard.runner.config import RunConfig
+from featshard.runner.coordinator import node_layout
 from featshard.runner.devices import parse_gpus, physical_id
-import argparse
 argv = sys.argv[1:]
 assert argv[:3] == ["-m", "featshard", "run"], argv
-parser = argparse.ArgumentParser()
-add_arguments(parser)
-args = parser.parse_args(argv[3:])
+args = from_namespace(RunConfig, build_parser(argv[2:]).parse_args(argv[2:]))
 cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
 devices = parse_gpus(args.gpus, visible=len(cvd.split(",")) if cvd else 0)
 nodes, rank = node_layout(args)

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from featshard.errors import FeatshardError, UsageError
 from featshard.system import sha256_file
@@ -107,8 +107,13 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def resolve_precision(requested: str, device_kind: str) -> str:
-    """`auto` → the fastest precision whose fidelity we measured as acceptable on this kind of device."""
+def resolve_precision(requested: str, device_kind: str,
+                      capabilities: Sequence[tuple[int, int]] | None = None) -> str:
+    """`auto` -> the fastest precision whose fidelity we measured as acceptable on this kind of device: on GPUs bf16
+    where every selected device has it (compute capability >= 8.0, Ampere and later), else fp16. `capabilities` are
+    the selected devices' `torch.cuda.get_device_capability` (the coordinator passes what its probe subprocess saw,
+    so it never initialises CUDA; None asks torch in this process). Every node of a job decides from its own devices
+    the same way; a node that would decide otherwise is refused by the fingerprint check."""
     if requested not in PRECISIONS:
         raise UsageError(f"--precision {requested!r}: choose from {', '.join(PRECISIONS)}")
     if requested != "auto":
@@ -116,19 +121,25 @@ def resolve_precision(requested: str, device_kind: str) -> str:
             raise UsageError("--precision fp16 is for GPUs; on CPU use bf16 or fp32")
         return requested
     if device_kind == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return "bf16" if _gpus_have_bf16() else "fp16"
+        choice = "bf16" if cpu_has_bf16() else "fp32"
+        log.info("--precision auto: %s (%s)", choice, "the CPU has native bf16" if choice == "bf16" else
+                 "no native bf16 on this CPU")
+        return choice
+    caps = list(_local_capabilities() if capabilities is None else capabilities)
+    choice = "bf16" if caps and all(tuple(c) >= (8, 0) for c in caps) else "fp16"
+    shown = ", ".join(sorted({f"{c[0]}.{c[1]}" for c in caps})) or "unknown"
+    log.info("--precision auto: %s (compute capability %s of %d selected GPU(s); bf16 needs 8.0 or newer on all)",
+             choice, shown, len(caps))
+    return choice
 
 
-def _gpus_have_bf16() -> bool:
-    import subprocess
+def _local_capabilities() -> list[tuple[int, int]]:
+    """Every GPU torch sees in this process (initialises CUDA: for in-process tools such as bench)."""
+    import torch
 
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
-        return bool(out) and all(float(cap) >= 8.0 for cap in out)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return False
+    if not torch.cuda.is_available():
+        return []
+    return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]  # type: ignore
 
 
 def build_model(spec: ModelSpec, device: str = "cpu") -> Any:

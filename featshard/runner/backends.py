@@ -3,7 +3,9 @@
 `inline` runs the unit of work in this process (tests, debugging); `pool` runs it in a spawn-context Pool, one
 process per device. The backend is chosen in exactly one place, `make_backend`; the coordinator never branches on it.
 A SIGKILLed pool worker is detected (its pid from the shard's progress file is gone while its result never came) and
-reported as `WorkerDied` instead of hanging forever the way a plain Pool does.
+reported as `WorkerDied` instead of hanging forever the way a plain Pool does; a worker that is alive but has not
+updated its progress file for `stall_timeout` seconds (stuck in a CUDA sync after a device fault, or in a write to a
+hung file system) is stopped and reported as `WorkerStalled`: the coordinator retries both from durable chunks.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import signal
 import time
 from typing import Any, Callable, Protocol
 
-from featshard.errors import FeatshardError
+from featshard.errors import FeatshardError, UsageError
 from featshard.system import pid_alive
 from featshard.store.progress import read_progress
+from featshard.runner.devices import Device
 from featshard.runner.worker import ShardResult, ShardSpec, extract_shard
 
 log = logging.getLogger("featshard.runner.backends")
@@ -28,6 +31,10 @@ PRELOAD = ("torch", "torchvision")
 
 class WorkerDied(FeatshardError):
     """The process running a shard vanished (SIGKILL, OOM killer, segfault) before returning a result."""
+
+
+class WorkerStalled(WorkerDied):
+    """The process running a shard stopped updating its progress for longer than the stall timeout; it was stopped."""
 
 
 class Handle(Protocol):
@@ -131,10 +138,10 @@ class WorkersCannotStart(FeatshardError):
 
 class PoolHandle:
     def __init__(self, spec: ShardSpec, async_result: Any, grace: float, start_timeout: float,
-                 cannot_start: Callable[[], bool] = lambda: False) -> None:
+                 stall_timeout: float = 0.0, cannot_start: Callable[[], bool] = lambda: False) -> None:
         self.spec, self._ar, self._cannot_start = spec, async_result, cannot_start
         self._submitted = time.time()
-        self._grace, self._start_timeout = grace, start_timeout
+        self._grace, self._start_timeout, self._stall_timeout = grace, start_timeout, stall_timeout
         self._dead_since: float | None = None
 
     def result(self, timeout: float | None = None) -> ShardResult:
@@ -161,6 +168,7 @@ class PoolHandle:
             return
         if pid_alive(int(pid)):
             self._dead_since = None
+            self._check_progress(int(pid), prog)
             return
         self._dead_since = self._dead_since or time.monotonic()
         if time.monotonic() - self._dead_since > self._grace and not self._ar.ready():
@@ -169,12 +177,42 @@ class PoolHandle:
 
 
 
+    def _check_progress(self, pid: int, prog: dict[str, Any]) -> None:
+        """Stop a live worker whose progress file is older than the stall timeout, and say so."""
+        age = time.time() - float(prog.get("updated") or prog.get("started") or time.time())
+        if not self._stall_timeout or age <= self._stall_timeout or self._ar.ready():
+            return
+        name = self.spec.shard.name
+        log.error("%s: worker pid %d on %s has not updated its progress for %.0f s (stage %r; --stall-timeout %g): "
+                  "stopping it", name, pid, self.spec.shard.device, age, prog.get("stage"), self._stall_timeout)
+        stop_pid(pid, self._grace)
+        raise WorkerStalled(f"{name}: worker pid {pid} on {self.spec.shard.device} stalled (no progress for "
+                            f"{age:.0f} s in stage {prog.get('stage')!r}, --stall-timeout {self._stall_timeout:g}) and "
+                            "was stopped")
+
+
+def stop_pid(pid: int, grace: float) -> None:
+    """SIGTERM (the worker unwinds and marks its progress stopped), then SIGKILL after `grace` s: a process stuck
+    in a driver call or stopped never runs its handler."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.1)
+    log.warning("worker pid %d is still there after SIGKILL (uninterruptible I/O?); retrying its shard anyway", pid)
+
+
 class PoolBackend:
     """A spawn-context Pool, one process per device; each process runs one shard and is then replaced
     (maxtasksperchild=1), so every shard starts in a fresh process that pins its device before CUDA starts."""
 
     def __init__(self, processes: int, grace: float = 3.0, start_timeout: float = 600.0,
-                 preload: tuple[str, ...] = PRELOAD) -> None:
+                 preload: tuple[str, ...] = PRELOAD, stall_timeout: float = 0.0) -> None:
         """`preload`: modules each worker imports as soon as it starts, before it gets a shard (the pool is made
         early, so the workers' `import torch`, ~5 s on the 2-core box, overlaps with the coordinator's checks)."""
         ctx = _SpawnNoDaemonContext()
@@ -183,7 +221,7 @@ class PoolBackend:
         self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
                                                initargs=(preload, left, self._started), maxtasksperchild=1,
                                                context=ctx)
-        self._grace, self._start_timeout = grace, start_timeout
+        self._grace, self._start_timeout, self._stall_timeout = grace, start_timeout, stall_timeout
 
     def cannot_start(self) -> bool:
         """No worker ever got through its start-up while the pool has had to replace every one of them twice."""
@@ -195,7 +233,7 @@ class PoolBackend:
             log.error("%s failed in its worker: %s: %s", spec.shard.name, type(exc).__name__, exc)
 
         ar = self._pool.apply_async(extract_shard, (spec,), error_callback=on_error)
-        return PoolHandle(spec, ar, self._grace, self._start_timeout, self.cannot_start)
+        return PoolHandle(spec, ar, self._grace, self._start_timeout, self._stall_timeout, self.cannot_start)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers once every result is in. They are idle then (each finished its one shard; the pool
@@ -244,10 +282,20 @@ def _bounded(fn: Callable[[], Any], timeout: float) -> bool:
     return not thread.is_alive()
 
 
-def make_backend(name: str, processes: int) -> Backend:
-    """The one place the backend is chosen."""
+def check_backend(name: str, devices: list[Device]) -> None:
+    """Refuse what a backend cannot do before anything is spent: `inline` runs shards in this process, which sees
+    one GPU, the first visible (CUDA reads CUDA_VISIBLE_DEVICES once); it would otherwise run them all there."""
+    gpus = [d for d in devices if d.kind == "cuda"]
+    if name == "inline" and (len(gpus) > 1 or any(d.index != 0 for d in gpus)):
+        raise UsageError(f"--backend inline runs in this process, on one GPU only, the first visible one; "
+                         f"--gpus gives {', '.join(str(d) for d in gpus)}: use --gpus 0 (CUDA_VISIBLE_DEVICES picks "
+                         "which GPU that is) or the pool backend")
+
+
+def make_backend(name: str, processes: int, stall_timeout: float = 0.0) -> Backend:
+    """The one place the backend is chosen. `stall_timeout` (s, 0: never): see `WorkerStalled`."""
     if name == "inline":
         return InlineBackend()
     if name == "pool":
-        return PoolBackend(processes)
+        return PoolBackend(processes, stall_timeout=stall_timeout)
     raise FeatshardError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")

@@ -52,7 +52,10 @@ class RunConfig:
     batch_size: int | None = option(None, "images per model batch (default 32 CPU, 128 GPU)")
     loader_workers: int | None = option(None, "decode processes per device")
     chunk_size: int = option(2048, "rows per durable chunk (resume granularity)")
-    max_retries: int = option(2, "retries of a shard whose worker died")
+    max_retries: int = option(2, "retries of a shard whose worker died, stalled or hit a CUDA error")
+    stall_timeout: float = option(1800.0, "seconds a worker may go without updating its progress before it is "
+                                  "stopped and its shard retried (stuck in a CUDA sync, a hung write); keep it above "
+                                  "the loader's timeout, max(120, 8 x --image-timeout + 60); 0: never (default 1800)")
     retry_failed: bool = option(False, "process again the rows recorded as failed (e.g. after a network mount came "
                                 "back)")
     max_pixels: int = option(178_956_970, "refuse images with more pixels")
@@ -71,6 +74,8 @@ class RunConfig:
         _at_least(self, 0, "loader_workers", "max_retries", "seed", "node_rank")
         if self.image_timeout <= 0:
             raise UsageError(f"--image-timeout {self.image_timeout} must be > 0 seconds")
+        if self.stall_timeout < 0:
+            raise UsageError(f"--stall-timeout {self.stall_timeout} must be >= 0 seconds (0: never)")
         if not self.input:
             raise UsageError("--input is empty")
         if not self.out:
@@ -103,6 +108,16 @@ class StatusConfig:
             raise UsageError("--stale-after must be > 0")
 
 
+@dataclass
+class DoctorConfig:
+    """`featshard doctor`: torch, CUDA, driver, GPU and faiss facts of this machine, and what would go wrong on it."""
+
+    json: bool = option(False, "print one JSON object instead of lines")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
 SLURM = "slurm options"
 SLURM_OWN_RUN_OPTIONS = ("input", "out", "gpus", "num_nodes", "node_rank", "dry_run")  # set by slurm for every task
 
@@ -117,7 +132,14 @@ class SlurmConfig:
     nodes: int = option(help="array tasks (one node's share of the shards each)", group=SLURM)
     gpus_per_node: int = option(help="GPUs per task (--gres=gpu:G); 0 = CPU only", group=SLURM)
     cpu_workers_per_node: int | None = option(None, "CPU workers per task with 0 GPUs", group=SLURM)
-    cpus_per_gpu: int = option(4, "CPUs per GPU (or CPU worker) (default 4)", group=SLURM)
+    cpus_per_gpu: int = option(16, "CPUs per GPU (or CPU worker): the GPU's model worker and its decode processes "
+                               "(default 16; with 4, about 3 decode processes kept a fast GPU waiting for images)",
+                               group=SLURM)
+    exclusive: bool = option(False, "whole nodes (#SBATCH --exclusive): every CPU of the node feeds its GPUs, "
+                             "instead of --cpus-per-gpu per GPU", group=SLURM)
+    merge_gpu: bool | None = option(None, "the merge job asks for one GPU (--gres=gpu:1) and merges on it "
+                                    "(--no-merge-gpu: on CPUs, `merge --no-gpu`; default: a GPU when the extraction "
+                                    "has GPUs and a GPU build of faiss is installed)", group=SLURM)
     partition: str | None = option(None, "partition", group=SLURM)
     account: str | None = option(None, "account", group=SLURM)
     time: str | None = option(None, "time limit per task, e.g. 04:00:00 (default: the partition's)", group=SLURM)
@@ -144,6 +166,10 @@ class SlurmConfig:
             raise UsageError("--gpus-per-node must be >= 0")
         if self.gpus_per_node > 0 and self.cpu_workers_per_node is not None:
             raise UsageError("--cpu-workers-per-node is for CPU-only jobs (--gpus-per-node 0)")
+        merge_gpu_args = [a for a in self.merge_arg if a in ("--gpu", "--no-gpu")]
+        if merge_gpu_args:
+            raise UsageError(f"--merge-arg={merge_gpu_args[0]}: use --merge-gpu / --no-merge-gpu, which also ask "
+                             "SLURM for the GPU the merge uses")
         _at_least(self, 1, "cpu_workers_per_node", "cpus_per_gpu", "array_parallelism")
         _at_least(self, 0, "max_requeues")
         allowed = set(RunConfig.__dataclass_fields__) - set(SLURM_OWN_RUN_OPTIONS)

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from featshard.errors import UsageError
-from featshard.extract.loader import default_loader_workers
-from featshard.runner.backends import Backend, Handle, WorkerDied, make_backend
+from featshard.extract.loader import loader_split, plan_shm
+from featshard.runner.backends import Backend, Handle, WorkerDied, check_backend, make_backend
 from featshard.runner.config import RunConfig
 from featshard.runner.devices import Device, parse_gpus
 from featshard.runner.prepare import Prepared, prepare, scan, shard_attrs
@@ -24,7 +24,7 @@ from featshard.runner.report import RunIncomplete, RunSummary, summarize, verdic
 from featshard.runner.resume import clean_stale, durable_rows
 from featshard.runner.runtime import tune_process_env
 from featshard.runner.signals import Interrupted, StopSignals
-from featshard.runner.worker import ShardResult, ShardSpec, Stopped, finished_result
+from featshard.runner.worker import ShardFault, ShardResult, ShardSpec, Stopped, finished_result
 from featshard.store.atomic import TMP_MARK, write_json_atomic
 from featshard.store.locks import RunLock
 from featshard.store.plan import Shard, plan_shards
@@ -65,6 +65,7 @@ def run_job(config: RunConfig) -> RunSummary:
     (a stop signal), UsageError/FeatshardError (refused before any work)."""
     refuse_in_starting_worker()
     devices = parse_gpus(config.gpus)
+    check_backend(config.backend, devices)
     nodes, rank = node_layout(config)
     if config.dry_run:
         return dry_run(config, devices, nodes)
@@ -110,14 +111,19 @@ def dry_run(config: RunConfig, devices: list[Device], nodes: int) -> RunSummary:
 
 def make_specs(p: Prepared, mine: list[Shard], devices: list[Device], config: RunConfig) -> list[ShardSpec]:
     per_device = len(devices)
-    loaders = config.loader_workers if config.loader_workers is not None else default_loader_workers(per_device)
+    loaders, split = loader_split(per_device)
+    if config.loader_workers is not None:
+        loaders = config.loader_workers
+    else:
+        log.info("loaders: %s", split)
     gpu = devices[0].kind == "cuda"
     threads = max(1, cores() // per_device) if not gpu else 2
     batch = config.batch_size or (128 if gpu else 32)
+    shm = plan_shm(per_device, loaders, p.prep, batch)  # sized to the free /dev/shm, or refused saying why
     attrs = shard_attrs(p)
     return [ShardSpec(run_dir=p.run_dir, shard=s, source=p.source, model=p.model, prep=p.prep, dtype=p.dtype,
-                      batch_size=batch, loader_workers=loaders, chunk_size=p.chunk_size, cpu_threads=threads,
-                      attrs=attrs, progress_position=i, retry_failed=config.retry_failed)
+                      batch_size=batch, loader_workers=shm.loaders, chunk_size=p.chunk_size, cpu_threads=threads,
+                      attrs=attrs, progress_position=i, retry_failed=config.retry_failed, prefetch=shm.prefetch)
             for i, s in enumerate(mine)]
 
 
@@ -137,7 +143,7 @@ def execute(specs: list[ShardSpec], config: RunConfig, processes: int, stop: Sto
     applied = tune_process_env()  # read by the worker processes when they start
     if applied:
         log.debug("worker environment: %s", applied)
-    backend = make_backend(config.backend, min(processes, len(todo)))
+    backend = make_backend(config.backend, min(processes, len(todo)), config.stall_timeout)
     stop.polling = config.backend != "inline"  # inline runs shards in this thread: a signal must interrupt them
     try:
         return await_all(backend, todo, config.max_retries, stop.received, outcome)
@@ -163,7 +169,7 @@ def await_all(backend: Backend, specs: list[ShardSpec], max_retries: int, stop: 
                 del pending[name]
             except TimeoutError:
                 continue
-            except WorkerDied as exc:
+            except (WorkerDied, ShardFault) as exc:  # died, stalled, or a CUDA fault: retry from durable chunks
                 del pending[name]
                 retry = _retry(backend, handle.spec, exc, max_retries, outcome)
                 if retry is not None:
@@ -182,7 +188,7 @@ def await_all(backend: Backend, specs: list[ShardSpec], max_retries: int, stop: 
     return outcome
 
 
-def _retry(backend: Backend, spec: ShardSpec, exc: WorkerDied, max_retries: int, outcome: Outcome) -> Handle | None:
+def _retry(backend: Backend, spec: ShardSpec, exc: Exception, max_retries: int, outcome: Outcome) -> Handle | None:
     """Resubmit a shard whose worker died (it resumes from its finished chunks), or record it as failed."""
     name = spec.shard.name
     tries = outcome.retries.setdefault(name, [])

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 
 from featshard.errors import UsageError
+from featshard.runner.gpuprobe import (DRIVER_ROOTS, CudaView, check_driver_seen, cuda_view, driver_present,
+                                       nvidia_uuid)
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -28,28 +30,27 @@ class Device:
         return cls(kind, int(idx))
 
 
-def visible_cuda_count() -> int:
-    """Number of CUDA devices this process can see (0 without CUDA). Does not create a CUDA context."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") or not nvidia_driver_present():
-        return 0
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return 0
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+def visible_cuda_count(roots: tuple[str, ...] = DRIVER_ROOTS) -> int:
+    """Number of CUDA devices torch can use in this process (0 without a driver), asked without initialising CUDA
+    here (see featshard.runner.gpuprobe). Refuses (UsageError) when a driver is loaded but torch sees no GPU."""
+    view = cuda_view(roots)
+    check_driver_seen(view, roots)
+    return view.count
 
 
-def nvidia_driver_present(roots: tuple[str, ...] = ("/proc/driver/nvidia", "/dev/nvidiactl")) -> bool:
+def nvidia_driver_present(roots: tuple[str, ...] = DRIVER_ROOTS) -> bool:
     """Whether an NVIDIA driver is loaded here: without one there is no CUDA device, and answering that costs no
     `import torch` (~2.5 s on the 2-core box, before the workers can even be started)."""
-    return any(os.path.exists(root) for root in roots)
+    return driver_present(roots)
 
 
 def parse_gpus(spec: str | None, visible: int | None = None) -> list[Device]:
-    """Turn a `--gpus` spec into devices: '0-7', '0,2,5', '1-3,6', 'all', 'cpu', 'cpu:N'; None means the default."""
+    """Turn a `--gpus` spec into devices: '0-7', '0,2,5', '1-3,6', 'all', 'cpu', 'cpu:N'; None means the default
+    (all GPUs torch can use; the CPU where there is no driver; refused where a driver is loaded but torch sees no GPU
+    and CUDA_VISIBLE_DEVICES does not hide them on purpose). `visible` overrides the GPU count (tests, SLURM probes)."""
     spec = (spec or "").strip().lower()
     n_visible = 0
-    if spec != "cpu" and not spec.startswith("cpu:"):  # only GPU specs ask torch (importing it costs ~475 MB RSS)
+    if spec != "cpu" and not spec.startswith("cpu:"):  # only GPU specs ask torch (in a subprocess: see gpuprobe)
         n_visible = visible_cuda_count() if visible is None else visible
         spec = spec or ("all" if n_visible > 0 else "cpu")
     if spec == "cpu":
@@ -64,6 +65,28 @@ def parse_gpus(spec: str | None, visible: int | None = None) -> list[Device]:
             raise UsageError("--gpus all: no CUDA device is visible; use --gpus cpu or cpu:N")
         return [Device("cuda", i) for i in range(n_visible)]
     return [Device("cuda", i) for i in _parse_index_list(spec, n_visible)]
+
+
+def capabilities(devices: list[Device], view: CudaView | None = None) -> list[tuple[int, int]]:
+    """The compute capability of each selected GPU, as torch reports it (empty for CPU devices)."""
+    cuda = [d for d in devices if d.kind == "cuda"]
+    if not cuda:
+        return []
+    view = cuda_view() if view is None else view
+    return [view.devices[d.index].capability for d in cuda if d.index < len(view.devices)]
+
+
+def device_identity(device: str) -> dict[str, str]:
+    """Name and UUID (as nvidia-smi prints it) of the CUDA device this worker was pinned to (`cuda:0` after
+    `pin_device`); {} for the CPU. Initialises CUDA in this process: call it in a worker, never in the coordinator."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return {"device_name": props.name, "device_uuid": nvidia_uuid(getattr(props, "uuid", "")),
+            "device_capability": f"{props.major}.{props.minor}",
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
 def _parse_index_list(spec: str, n_visible: int) -> list[int]:

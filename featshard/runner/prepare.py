@@ -24,7 +24,7 @@ from featshard.extract.models import ModelSpec, library_versions, resolve_precis
 from featshard.extract.preprocess import Preprocess
 from featshard.extract.timmmodels import HEAD_LAYER, HEAD_POOL, is_timm, timm_fields
 from featshard.runner.config import RunConfig
-from featshard.runner.devices import Device
+from featshard.runner.devices import Device, capabilities
 from featshard.store.atomic import write_json_atomic
 from featshard.store.inputs import InputSource, open_input, scan_input
 from featshard.store.manifest import diff_fields, fingerprint_of, load_manifest
@@ -81,8 +81,9 @@ def scan(config: RunConfig) -> Scanned:
     return Scanned(source, rows, sha, check_out_dir(config.out))
 
 
-def model_spec(config: RunConfig, device_kind: str) -> ModelSpec:
-    """The model as asked for (layer still unresolved); no torch import."""
+def model_spec(config: RunConfig, devices: list[Device]) -> ModelSpec:
+    """The model as asked for (layer still unresolved); no torch import (a GPU's capability comes from the probe
+    subprocess, see featshard.runner.gpuprobe)."""
     weights = config.weights
     if weights.lower() == "none":
         weights = "none"
@@ -96,7 +97,9 @@ def model_spec(config: RunConfig, device_kind: str) -> ModelSpec:
             raise UsageError(f"--pool {pool} applies with --layer: a timm model's default features (its pre-logits) "
                              "are pooled by the model itself")
         pool = HEAD_POOL
-    precision = resolve_precision(config.precision, device_kind)
+    kind = devices[0].kind
+    caps = capabilities(devices) if kind == "cuda" and config.precision == "auto" else []
+    precision = resolve_precision(config.precision, kind, caps)
     check_graph(config.graph, precision)
     return ModelSpec(name=config.model, weights=weights, layer=config.layer, pool=pool,
                      normalize=config.normalize, precision=precision, seed=config.seed, graph=config.graph)
@@ -173,7 +176,7 @@ def existing_manifest(run_dir: str, overwrite: bool) -> dict[str, Any] | None:
 def prepare(config: RunConfig, devices: list[Device], num_nodes: int, scanned: Scanned) -> Prepared:
     """Resolve and check the config against what `--out` holds; run it holding the run lock (it may rewrite
     the manifest, or clear the run with --overwrite)."""
-    spec = model_spec(config, devices[0].kind)
+    spec = model_spec(config, devices)
     request = request_of(config, spec, scanned.input_sha256)
     plan = plan_shards(scanned.rows, [str(d) for d in devices], num_nodes)
     old = existing_manifest(scanned.run_dir, config.overwrite)

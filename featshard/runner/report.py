@@ -82,7 +82,8 @@ def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors
 
 def shard_entry(r: ShardResult, resumed: int, retries: list[int]) -> dict[str, Any]:
     return {
-        "shard": r.shard, "device": r.device, "rows": r.rows, "ok": r.ok, "failed": r.failed,
+        "shard": r.shard, "device": r.device, "device_uuid": r.device_uuid, "device_name": r.device_name,
+        "rows": r.rows, "ok": r.ok, "failed": r.failed,
         "resumed_rows": resumed, "processed_rows": r.rows - resumed, "seconds": round(r.seconds, 3),
         "images_per_s": round(r.images_per_s, 2), "stages": {k: round(v, 3) for k, v in r.stages.items()},
         "graph": r.graph,

@@ -25,6 +25,7 @@ from featshard.store.rundir import RunDir
 from featshard.store.plan import Shard, plan_shards
 from featshard.options import to_argv
 from featshard.runner.config import RunConfig, SlurmConfig
+from featshard.runner.doctor import faiss_gpu_build
 from featshard.runner.slurmscripts import JobSpec, extract_script, merge_script, warning_signal
 
 log = logging.getLogger("featshard.runner.slurm")
@@ -61,7 +62,15 @@ def job_spec(config: SlurmConfig) -> JobSpec:
         partition=config.partition, time=config.time, account=config.account, mem=config.mem,
         array_parallelism=config.array_parallelism, signal=config.signal, max_requeues=config.max_requeues,
         sbatch_args=list(config.sbatch_arg), run_args=run_argv(config), merge_args=list(config.merge_arg),
-        pythonpath=needs_pythonpath(python))
+        pythonpath=needs_pythonpath(python), exclusive=config.exclusive, merge_gpu=merge_on_gpu(config))
+
+
+def merge_on_gpu(config: SlurmConfig) -> bool:
+    """--merge-gpu as given; by default a GPU for the merge when the extraction has GPUs and the faiss installed
+    here (the nodes run this Python) is a GPU build."""
+    if config.merge_gpu is not None:
+        return config.merge_gpu
+    return config.gpus_per_node > 0 and faiss_gpu_build()
 
 
 def write_scripts(spec: JobSpec) -> tuple[Path, Path]:

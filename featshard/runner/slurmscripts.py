@@ -102,6 +102,8 @@ class JobSpec:
     run_args: list[str] = field(default_factory=list)
     merge_args: list[str] = field(default_factory=list)
     pythonpath: str | None = None
+    exclusive: bool = False  # whole nodes: every CPU of the node instead of cpus_per_worker per device
+    merge_gpu: bool = False  # the merge job asks for a GPU and merges on it (else `merge --no-gpu`)
     version: str = __version__
 
     @property
@@ -165,8 +167,9 @@ def _header(spec: JobSpec) -> list[str]:
 def extract_script(spec: JobSpec) -> str:
     """The job array: task r runs `featshard run ... --num-nodes N --node-rank r` and handles the warning signal."""
     array = f"0-{spec.nodes - 1}" + (f"%{spec.array_parallelism}" if spec.array_parallelism else "")
+    cpus = _directive("--exclusive") if spec.exclusive else _directive("--cpus-per-task", spec.cpus_per_task)
     lines = ["#!/bin/bash", _directive("--job-name", "featshard-extract"), _directive("--array", array),
-             *_common(spec), _directive("--cpus-per-task", spec.cpus_per_task)]
+             *_common(spec), cpus]
     if spec.gpus_per_node:
         lines.append(_directive("--gres", f"gpu:{spec.gpus_per_node}"))
     lines += [_directive("--signal", spec.signal), _directive("--requeue"), _directive("--open-mode", "append"),
@@ -184,12 +187,15 @@ def extract_script(spec: JobSpec) -> str:
 
 
 def merge_script(spec: JobSpec) -> str:
-    """The dependent job: one index from every shard, then `verify`."""
+    """The dependent job: one index from every shard, then `verify`. It asks for the GPU it merges on (or merges
+    with --no-gpu), so faiss never takes a GPU of the partition that SLURM did not give it."""
+    gpu = [_directive("--gres", "gpu:1")] if spec.merge_gpu else []
     lines = ["#!/bin/bash", _directive("--job-name", "featshard-merge"), *_common(spec),
-             _directive("--cpus-per-task", spec.cpus_per_worker),
+             _directive("--cpus-per-task", spec.cpus_per_worker), *gpu,
              _directive("--kill-on-invalid-dep", "yes"), _directive("--open-mode", "append"),
              _directive("--output", _log_pattern(spec, "merge-%j.out")),
              *(_directive(a) for a in spec.sbatch_args), *_header(spec), "set -eo pipefail",
-             f"\"$FEATSHARD_PYTHON\" -m featshard merge {shlex.join([spec.out, *spec.merge_args])}"]
+             f"\"$FEATSHARD_PYTHON\" -m featshard merge "
+             f"{shlex.join([spec.out, '--gpu' if spec.merge_gpu else '--no-gpu', *spec.merge_args])}"]
     lines.append(f"\"$FEATSHARD_PYTHON\" -m featshard verify {shlex.quote(spec.out)}")
     return "\n".join(lines) + "\n"

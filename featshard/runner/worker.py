@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from featshard.store import shards
-from featshard.runner.devices import Device, pin_device
+from featshard.runner.devices import Device, device_identity, pin_device
 from featshard.errors import FeatshardError
 from featshard.store.inputs import InputSource
 from featshard.extract.models import ModelSpec
@@ -23,7 +23,7 @@ from featshard.store.plan import Shard, chunk_ranges
 from featshard.extract.preprocess import Preprocess
 from featshard.store.progress import Progress
 from featshard.store.rundir import RunDir
-from featshard.extract.loader import decodes_on_device
+from featshard.extract.loader import PREFETCH, decodes_on_device
 from featshard.extract.stream import BatchStream
 from featshard.runner.resume import clean_stale, durable_chunks
 from featshard.store.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
@@ -33,6 +33,23 @@ log = logging.getLogger("featshard.runner.worker")
 
 class Stopped(FeatshardError):
     """The run was asked to stop (a signal): finished chunks stay on disk and the same command resumes."""
+
+
+class ShardFault(FeatshardError):
+    """A fault of the device while the shard ran (a CUDA error, out of memory): the coordinator retries the shard
+    from its durable chunks, as for a worker that died, up to --max-retries."""
+
+
+_CUDA_FAULTS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error",
+                "nvJPEG", "nvjpeg")
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether `exc` is a device fault worth a retry of the shard (torch.AcceleratorError and OutOfMemoryError, or a
+    RuntimeError in CUDA's words) rather than a bug or bad input that would fail the same way again."""
+    if type(exc).__name__ in ("AcceleratorError", "OutOfMemoryError"):
+        return True
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _CUDA_FAULTS)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class ShardSpec:
     attrs: dict[str, Any] = field(default_factory=dict)  # provenance written into every file (fingerprint, ...)
     progress_position: int = 0
     retry_failed: bool = False  # re-process the rows recorded as failed in finished shards and chunks
+    prefetch: int = PREFETCH  # batches each loader keeps ready (lowered to fit a small /dev/shm: loader.plan_shm)
 
 
 @dataclass
@@ -69,6 +87,8 @@ class ShardResult:
     retried_rows: int = 0  # --retry-failed: failed rows processed again
     recovered_rows: int = 0  # ... of which now have a feature
     graph: str = ""  # how the network ran (featshard.extract.graph), "" when no model was needed
+    device_uuid: str = ""  # the GPU this attempt ran on, as nvidia-smi names it ("" on CPU or without a model)
+    device_name: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -109,6 +129,7 @@ class LazyExtractor:
     def __init__(self, spec: ShardSpec, device: str, stages: dict[str, float]) -> None:
         self.spec, self.device, self.stages = spec, device, stages
         self._ext: Any = None
+        self.identity: dict[str, str] = {}  # device name and UUID, once the model is on it
 
     @property
     def graph(self) -> str:
@@ -122,6 +143,7 @@ class LazyExtractor:
             tune_malloc()  # after the loaders forked (decode measured no faster tuned), before the model's first batch
             t = time.monotonic()
             self._ext = Extractor(self.spec.model, self.spec.prep, self.device, batch_size=self.spec.batch_size)
+            self.identity = device_identity(self.device)
             log.info("%s: model %s on %s, %s, graph %s", self.spec.shard.name, self.spec.model.name, self.device,
                      self.spec.model.precision, self._ext.graph)
             self.stages["load_model"] += time.monotonic() - t
@@ -154,11 +176,17 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
             progress.set(force=True, state="stopped" if stopped else "failed", error=f"{type(exc).__name__}: {exc}")
         except OSError:  # the disk that failed the shard may fail this too: the shard's error matters more
             pass
+        if not stopped and retryable(exc):
+            uuid = extractor.identity.get("device_uuid")
+            raise ShardFault(f"{spec.shard.name} on {spec.shard.device}{f' ({uuid})' if uuid else ''}: "
+                             f"{type(exc).__name__}: {exc}") from exc
         raise
     progress.set(force=True, state="complete", stage="done")
     res = _done_result(spec, final, t0, resumed=resumed, processed=processed, stages=stages)
     res.retried_rows, res.recovered_rows = retried, recovered
     res.graph = extractor.graph
+    res.device_uuid = extractor.identity.get("device_uuid", "")
+    res.device_name = extractor.identity.get("device_name", "")
     log.info("%s done: %d ok, %d failed, %.1f images/s", spec.shard.name, res.ok, res.failed, res.images_per_s)
     return res
 
@@ -192,9 +220,9 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
     RunDir(spec.run_dir).parts(spec.shard.name).mkdir(parents=True, exist_ok=True)
     cuda = extractor.device.startswith("cuda")
     stream = BatchStream(spec.shard.name, spec.source, pending, spec.prep, spec.batch_size, spec.loader_workers, cuda,
-                         device_decode=decodes_on_device(spec.prep, extractor.device)).start()
+                         device_decode=decodes_on_device(spec.prep, extractor.device), prefetch=spec.prefetch).start()
     ext = extractor.get()  # while the loaders decode the first batches
-    progress.set(force=True, stage="extracting")
+    progress.set(force=True, stage="extracting", **extractor.identity)
     return resumed, _consume(spec, ext, stream, pending, stages, progress)
 
 
