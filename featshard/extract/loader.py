@@ -114,7 +114,7 @@ def stack_pixels(arrays: list[np.ndarray]) -> Any:
     if get_worker_info() is None:
         return torch.from_numpy(np.stack(arrays))
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # noqa: SLF001 - what default_collate uses
-    out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)  # type: ignore[call-overload]
     np.stack(arrays, out=out.numpy())
     return out
 
@@ -170,7 +170,8 @@ def make_loader(batches: Iterable[list[Item]], prep: Preprocess, workers: int, p
     if workers > 0:
         kwargs = dict(prefetch_factor=max(1, prefetch), worker_init_fn=_loader_init,
                       timeout=max(120.0, prep.timeout * 8 + 60.0))
-    return DataLoader(DecodeDataset(prep, device_decode), batch_sampler=batches, collate_fn=collate,
+    dataset: Any = DecodeDataset(prep, device_decode)  # a map-style dataset indexed by Items (torch's type: ints)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                       num_workers=workers, pin_memory=pin, **kwargs)
 
 

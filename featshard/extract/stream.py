@@ -186,8 +186,9 @@ class _LoaderDeaths:
     def __init__(self, batches: Iterator[Any]) -> None:
         import threading
 
-        self.batches, self.fetching, self.pending = batches, False, None
-        self.torch_handler = signal.getsignal(signal.SIGCHLD)  # installed by torch when the iterator was made
+        self.batches, self.fetching = batches, False
+        self.pending: RuntimeError | None = None
+        self.torch_handler: Any = signal.getsignal(signal.SIGCHLD)  # installed by torch with the iterator
         self.active = callable(self.torch_handler) and threading.current_thread() is threading.main_thread()
         if self.active:
             signal.signal(signal.SIGCHLD, self._on_child)

@@ -168,7 +168,7 @@ class PoolHandle:
             return
         if pid_alive(int(pid)):
             self._dead_since = None
-            self._check_progress(int(pid), prog)
+            self._check_progress(int(pid), prog or {})
             return
         self._dead_since = self._dead_since or time.monotonic()
         if time.monotonic() - self._dead_since > self._grace and not self._ar.ready():
@@ -218,7 +218,7 @@ class PoolBackend:
         ctx = _SpawnNoDaemonContext()
         left = ctx.Value("i", max(1, processes))  # each shard's replacement worker would import torch for nothing
         self._started, self._processes, self._spawned_before = ctx.Value("i", 0), processes, _NoDaemonProcess.spawned
-        self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
+        self._pool: Any = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
                                                initargs=(preload, left, self._started), maxtasksperchild=1,
                                                context=ctx)
         self._grace, self._start_timeout, self._stall_timeout = grace, start_timeout, stall_timeout
