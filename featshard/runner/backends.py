@@ -14,16 +14,26 @@ import multiprocessing.pool
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from featshard.errors import FeatshardError
 from featshard.system import pid_alive
 from featshard.store.progress import read_progress
+from featshard.runner.logroute import route_to
 from featshard.runner.worker import ShardResult, ShardSpec, extract_shard
 
 log = logging.getLogger("featshard.runner.backends")
 BACKENDS = ("pool", "inline")
 PRELOAD = ("torch", "torchvision")
+
+
+@dataclass(frozen=True)
+class LogRoute:
+    """Where a pool worker sends its log records (a `featshard.runner.logroute.LogListener`), and from what level."""
+
+    address: str
+    level: int
 
 
 class WorkerDied(FeatshardError):
@@ -88,7 +98,11 @@ class _SpawnNoDaemonContext(type(multiprocessing.get_context("spawn"))):  # type
     Process = _NoDaemonProcess
 
 
-def _worker_init(preload: tuple[str, ...] = (), preloads_left: Any = None) -> None:
+def _worker_init(preload: tuple[str, ...] = (), preloads_left: Any = None, logs: LogRoute | None = None) -> None:
+    me = multiprocessing.current_process()
+    me.name = f"worker-{me.name.rsplit('-', 1)[-1]}"  # in log lines: not the pool's _NoDaemonPoolWorker-N
+    if logs is not None:  # first: a record from here on reaches the coordinator's terminal through it
+        route_to(logs.address, logs.level)
     # The coordinator owns Ctrl-C: it stops workers itself and tells the user how to resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Its stop is a SIGTERM: unwind (the current batch is dropped, loader processes are shut down, the progress
@@ -155,13 +169,14 @@ class PoolBackend:
     (maxtasksperchild=1), so every shard starts in a fresh process that pins its device before CUDA starts."""
 
     def __init__(self, processes: int, grace: float = 3.0, start_timeout: float = 600.0,
-                 preload: tuple[str, ...] = PRELOAD) -> None:
+                 preload: tuple[str, ...] = PRELOAD, logs: LogRoute | None = None) -> None:
         """`preload`: modules each worker imports as soon as it starts, before it gets a shard (the pool is made
-        early, so the workers' `import torch`, ~5 s on the 2-core box, overlaps with the coordinator's checks)."""
+        early, so the workers' `import torch`, ~5 s on the 2-core box, overlaps with the coordinator's checks).
+        `logs`: where the workers' log records go (None: their own stderr)."""
         ctx = _SpawnNoDaemonContext()
         left = ctx.Value("i", max(1, processes))  # each shard's replacement worker would import torch for nothing
         self._pool = multiprocessing.pool.Pool(processes=max(1, processes), initializer=_worker_init,
-                                               initargs=(preload, left), maxtasksperchild=1, context=ctx)
+                                               initargs=(preload, left, logs), maxtasksperchild=1, context=ctx)
         self._grace, self._start_timeout = grace, start_timeout
 
     def submit(self, spec: ShardSpec) -> PoolHandle:
@@ -218,10 +233,11 @@ def _bounded(fn: Callable[[], Any], timeout: float) -> bool:
     return not thread.is_alive()
 
 
-def make_backend(name: str, processes: int) -> Backend:
-    """The one place the backend is chosen."""
+def make_backend(name: str, processes: int, logs: LogRoute | None = None) -> Backend:
+    """The one place the backend is chosen. `logs`: where pool workers send their log records (inline shards log
+    in this process)."""
     if name == "inline":
         return InlineBackend()
     if name == "pool":
-        return PoolBackend(processes)
+        return PoolBackend(processes, logs=logs)
     raise FeatshardError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")
