@@ -122,7 +122,11 @@ def _worker_init(preload: tuple[str, ...] = (), preloads_left: Any = None, logs:
 
 
 def _stop_worker(signum: int, _frame: Any) -> None:
+    import threading
+
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    if not threading.main_thread().is_alive():  # the interpreter is exiting (its atexit callbacks run): nothing to
+        os._exit(128 + signum)  # unwind, and a SystemExit there is only printed ("Exception ignored in atexit ...")
     raise SystemExit(128 + signum)
 
 

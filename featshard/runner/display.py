@@ -36,7 +36,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Column
 from rich.text import Text
 
-from featshard.runner.status import ACTIVE, age, figures, shard_status, totals
+from featshard.runner.status import age, figures, shard_status, totals
 from featshard.store.plan import Shard
 
 log = logging.getLogger("featshard.progress")

@@ -4,6 +4,10 @@ The coordinator listens on a Unix socket in a private temporary folder (`LogList
 loader process forked from one, opens its own connection on its first record (`RecordSender`, set up by
 `route_to` in the Pool's initializer) and sends each record as it is emitted: length-prefixed JSON, synchronously.
 The listener's thread re-emits them through this process's loggers, so they go wherever this process's records go.
+Whatever else a worker writes to its stdout or stderr (a C library's message, the interpreter's own "Exception
+ignored ..."; its loader processes share these) goes through one more connection, set over its file descriptors 1
+and 2, and comes out line by line as WARNING records of `featshard.worker.output`: nothing but the coordinator writes
+to the terminal, so nothing cuts the display's lines.
 
 Not a multiprocessing logging queue: a queue's writers share one lock, so a worker SIGKILLed while holding it blocks
 every other writer forever, and a queue's records leave through a feeder thread after `log()` returned, so the last
@@ -16,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import multiprocessing
 import os
 import selectors
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -31,6 +37,8 @@ from featshard.logs import stderr_handler, setup_logging
 log = logging.getLogger("featshard.runner.logroute")
 HEADER = struct.Struct(">L")
 MAX_RECORD = 16 << 20  # a length beyond this is a broken stream, not a record
+RECORDS, OUTPUT = b"LOG\n", b"OUT "  # what a connection carries, its first line: records, or a process's output
+OUTPUT_LOGGER = "featshard.worker.output"
 
 
 class RecordSender(logging.handlers.SocketHandler):
@@ -46,6 +54,11 @@ class RecordSender(logging.handlers.SocketHandler):
         if self.sock is not None:
             self.sock.close()  # this process's copy of the descriptor only: the parent's connection stays open
             self.sock = None
+
+    def makeSocket(self, timeout: float = 1) -> socket.socket:  # noqa: N802 - the base class's name
+        sock = super().makeSocket(timeout)
+        sock.sendall(RECORDS)
+        return sock
 
     def makePickle(self, record: logging.LogRecord) -> bytes:  # noqa: N802 - the base class's name
         """JSON, not pickle: the listener never unpickles what a socket gives it."""
@@ -66,10 +79,20 @@ class RecordSender(logging.handlers.SocketHandler):
 
 
 def route_to(address: str, level: int) -> None:
-    """In a worker process (the Pool's initializer): its records and warnings, and those of the loader processes it
-    forks, go to the coordinator's listener at `address`."""
+    """In a worker process (the Pool's initializer): its records and warnings, its stdout and stderr, and those of the
+    loader processes it forks, go to the coordinator's listener at `address`."""
     setup_logging(level, handler=RecordSender(address))
     logging.captureWarnings(True)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as out:
+            out.connect(address)
+            out.sendall(OUTPUT + multiprocessing.current_process().name.encode("utf-8", "replace") + b"\n")
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+    except OSError as exc:  # the records still go; this process's own output stays on its terminal
+        log.debug("stdout and stderr not routed: %s", exc)
 
 
 class LogListener:
@@ -110,36 +133,45 @@ class LogListener:
         sel = selectors.DefaultSelector()
         sel.register(self._server, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
-        buffers: dict[socket.socket, bytearray] = {}
+        streams: dict[socket.socket, _Stream] = {}
         deadline = None
-        while deadline is None or (buffers and time.monotonic() < deadline):
+        while deadline is None or (streams and time.monotonic() < deadline):
             for key, _ in sel.select(0.2 if deadline is None else max(0.0, deadline - time.monotonic())):
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 if sock is self._wake_r:
                     deadline = time.monotonic() + self.drain
                     sel.unregister(sock)
                 elif sock is self._server:
-                    self._accept(sel, buffers)
-                elif not self._read(sock, buffers[sock]):
+                    self._accept(sel, streams)
+                elif not streams[sock].read(sock):
                     sel.unregister(sock)
                     sock.close()
-                    del buffers[sock]
-        for sock in buffers:  # still open after the drain: a loader process left stuck in a read
+                    streams.pop(sock).end()
+        for sock, stream in streams.items():  # still open after the drain: a loader process left stuck in a read
+            stream.end()
             sock.close()
         sel.close()
 
-    def _accept(self, sel: selectors.BaseSelector, buffers: dict[socket.socket, bytearray]) -> None:
+    def _accept(self, sel: selectors.BaseSelector, streams: dict[socket.socket, "_Stream"]) -> None:
         try:
             conn, _ = self._server.accept()
         except BlockingIOError:
             return
         conn.setblocking(False)
         sel.register(conn, selectors.EVENT_READ)
-        buffers[conn] = bytearray()
+        streams[conn] = _Stream()
 
-    def _read(self, sock: socket.socket, buf: bytearray) -> bool:
-        """Read what is there and emit each whole record; False at the end of the stream (a torn last record of a
-        process killed mid-send is dropped)."""
+
+class _Stream:
+    """One connection: its first line says what it carries (records, or the output of the process it names)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.output_of: str | None = None  # the process whose stdout/stderr this is; None: records
+        self.started = False
+
+    def read(self, sock: socket.socket) -> bool:
+        """Read what is there and emit each whole record or line; False at the end of the stream."""
         try:
             data = sock.recv(1 << 16)
         except BlockingIOError:
@@ -148,16 +180,49 @@ class LogListener:
             return False
         if not data:
             return False
-        buf += data
-        while len(buf) >= HEADER.size:
-            (size,) = HEADER.unpack_from(buf)
+        self.buf += data
+        if not self.started:
+            if b"\n" not in self.buf:
+                return len(self.buf) < 4096
+            tag, _, rest = bytes(self.buf).partition(b"\n")
+            self.started, self.buf = True, bytearray(rest)
+            if tag.startswith(OUTPUT):
+                self.output_of = tag[len(OUTPUT):].decode("utf-8", "replace")
+            elif tag + b"\n" != RECORDS:
+                return False
+        return self._lines() if self.output_of is not None else self._records()
+
+    def _records(self) -> bool:
+        while len(self.buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.buf)
             if size > MAX_RECORD:
                 return False
-            if len(buf) < HEADER.size + size:
+            if len(self.buf) < HEADER.size + size:
                 break
-            emit(bytes(buf[HEADER.size:HEADER.size + size]))
-            del buf[:HEADER.size + size]
+            emit(bytes(self.buf[HEADER.size:HEADER.size + size]))
+            del self.buf[:HEADER.size + size]
         return True
+
+    def _lines(self) -> bool:
+        *lines, rest = bytes(self.buf).split(b"\n")
+        self.buf = bytearray(rest)
+        for line in lines:
+            emit_output(self.output_of or "?", line)
+        return True
+
+    def end(self) -> None:
+        """The stream ended: a last line without its newline is still output; a torn last record (a process killed
+        mid-send) is dropped."""
+        if self.output_of is not None and self.buf:
+            emit_output(self.output_of, bytes(self.buf))
+
+
+def emit_output(process: str, line: bytes) -> None:
+    text = line.decode("utf-8", "replace").rstrip()
+    if text:
+        logging.getLogger(OUTPUT_LOGGER).handle(logging.makeLogRecord({
+            "name": OUTPUT_LOGGER, "levelno": logging.WARNING, "levelname": "WARNING", "msg": text,
+            "processName": process}))
 
 
 def emit(data: bytes) -> None:
