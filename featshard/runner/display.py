@@ -21,6 +21,7 @@ position and prints above them only what goes through `tqdm.write`: that is how 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import socket
 import sys
@@ -80,7 +81,8 @@ class RunDisplay:
         self.shards, self.run_dir, self.retries = shards, run_dir, retries
         self.every, self.interval, self.stale_after = every, interval, stale_after
         console = console or Console(stderr=True)
-        terminal = (console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
+        terminal = (console.is_terminal and not console.is_dumb_terminal) or (
+            console.is_jupyter and importlib.util.find_spec("ipywidgets") is not None)  # rich draws in a widget
         self.mode = "quiet" if quiet else "live" if terminal else "plain"
         self.progress = Progress(*columns(), console=console, disable=self.mode != "live", expand=True,
                                  redirect_stdout=False, redirect_stderr=True, refresh_per_second=4)
@@ -101,18 +103,18 @@ class RunDisplay:
             before = sys.stderr
             self.progress.start()
             self._through_display(before)
-        self._thread.start()
+        if self.mode == "live" or (self.mode == "plain" and self.every > 0):
+            self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
-        self._thread.join(5.0)
-        try:
-            self.update()  # the final figures stay on the screen
-        finally:
-            self.progress.stop()
-            for handler, stream in self._swapped:
-                handler.setStream(stream)
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self._update_safely()  # the final figures stay on the screen
+        self.progress.stop()
+        for handler, stream in self._swapped:
+            handler.setStream(stream)
 
     def _through_display(self, before: Any) -> None:
         """A logging handler that holds the terminal's stderr itself (a user's own set-up, say) writes through the
@@ -126,13 +128,17 @@ class RunDisplay:
     def _watch(self) -> None:
         next_line = time.monotonic() + self.every
         while not self._stop.wait(self.interval):
-            try:
-                self.update()
-                if self.mode == "plain" and self.every > 0 and time.monotonic() >= next_line:
-                    next_line = time.monotonic() + self.every
-                    log.info("%s", self.line())
-            except Exception as exc:  # noqa: BLE001 - the display must never stop the run
-                log.debug("display update failed: %s", exc, exc_info=exc)
+            if self._update_safely() and self.mode == "plain" and time.monotonic() >= next_line:
+                next_line = time.monotonic() + self.every
+                log.info("%s", self.line())
+
+    def _update_safely(self) -> bool:
+        try:
+            self.update()
+            return True
+        except Exception as exc:  # noqa: BLE001 - the display must never stop the run nor hide its error
+            log.debug("display update failed: %s", exc, exc_info=exc)
+            return False
 
     def update(self) -> None:
         """Read the shards' status and move the bars."""
