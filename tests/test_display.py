@@ -69,11 +69,11 @@ def test_overall_bar_and_one_line_per_device(synthetic: tuple[Path, list[Any]]) 
     display.update()
     overall, *devices = render(display)
     assert overall.startswith("4 devices") and " 18/40 " in overall and "45%" in overall
-    assert "2.0 img/s" in overall and "eta 11s" in overall and "2 failed" in overall  # (40 - 18) / 2.0
+    assert "2.0 img/s" in overall and "eta 0:00:11" in overall and "2 failed" in overall  # (40 - 18) / 2.0
     assert len(devices) == 4
     assert devices[0].startswith("cpu:0 shard-00000-of-00004") and "10/10" in devices[0] and "done" in devices[0]
     assert "1 failed" in devices[0] and devices[0].rstrip().endswith("complete")
-    assert " 6/10 " in devices[1] and "2.0 img/s" in devices[1] and "eta 2s" in devices[1]
+    assert " 6/10 " in devices[1] and "2.0 img/s" in devices[1] and "eta 0:00:02" in devices[1]
     assert devices[1].rstrip().endswith("extracting · retry 1")
     assert " 0/10 " in devices[2] and devices[2].rstrip().endswith("starting a worker")
     assert devices[3].rstrip().endswith("failed · OSError: disk full")

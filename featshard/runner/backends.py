@@ -209,10 +209,24 @@ class PoolBackend:
         pool._worker_handler._state = multiprocessing.pool.TERMINATE  # noqa: SLF001
         pool._change_notifier.put(None)  # noqa: SLF001
         _bounded(pool._worker_handler.join, timeout)  # noqa: SLF001
-        _stop_processes([p for p in multiprocessing.active_children() if isinstance(p, _NoDaemonProcess)], timeout)
+        workers = [p for p in multiprocessing.active_children() if isinstance(p, _NoDaemonProcess)]
+        _stop_processes(workers, timeout)
+        if all(p.exitcode is not None for p in workers):
+            _free_queue_locks(pool)
         if not _bounded(pool.terminate, timeout):
             log.warning("pool did not shut down cleanly; its workers are gone, leaving it")
             pool._terminate.cancel()  # noqa: SLF001 - its exit-time finalizer would block the same way
+
+
+def _free_queue_locks(pool: multiprocessing.pool.Pool) -> None:
+    """Every worker is gone: a queue lock still held was held by a worker killed while it held it (an idle worker
+    waits for a task holding the task queue's read lock; one sending its result holds the result queue's write lock
+    until just after the coordinator may have read that result). `pool.terminate` takes both locks: it would wait
+    forever. Only workers take these two (the pool's own threads take the other end's)."""
+    for lock in (pool._inqueue._rlock, pool._outqueue._wlock):  # noqa: SLF001
+        if lock is not None:
+            lock.acquire(block=False)  # taken now, by us or (dead) by a worker: either way free it
+            lock.release()
 
 
 def _stop_processes(procs: list[Any], timeout: float) -> None:

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -48,6 +49,8 @@ STYLES = {"running": "green", "finalizing": "cyan", "complete": "blue", "startin
 
 
 class _Rate(ProgressColumn):
+    """images/s of the workers over their last minute (the status figure)."""
+
     def __init__(self) -> None:
         super().__init__(table_column=Column(no_wrap=True, justify="right"))
 
@@ -57,8 +60,15 @@ class _Rate(ProgressColumn):
 
 
 class _Eta(ProgressColumn):
+    """`eta H:MM:SS` (as rich shows elapsed time) from the status figures, `done` once a task is."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True, justify="right"))
+
     def render(self, task: Task) -> Text:
-        return Text("done" if task.finished else f"eta {age(task.fields.get('eta'))}", style="progress.remaining")
+        eta = task.fields.get("eta")
+        text = "done" if task.finished else "eta -:--:--" if eta is None else f"eta {timedelta(seconds=int(eta))}"
+        return Text(text, style="progress.remaining")
 
 
 def columns() -> list[ProgressColumn]:
