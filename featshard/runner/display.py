@@ -200,7 +200,7 @@ def state_text(row: dict[str, Any]) -> str:
     text = f"[{STYLES.get(row['state'], 'white')}]{escape(doing(row))}[/]"
     if row.get("retries"):
         text += f" · retry {row['retries']}"
-    if row["state"] in ("failed", "stale", "stopped") and row.get("error"):
+    if row["state"] in ("failed", "stale") and row.get("error"):  # stopped: the run says why
         text += f" · {escape(str(row['error']))}"
     return text
 
