@@ -1,4 +1,4 @@
-"""The run's display (featshard/runner/display.py) and its log routing (featshard/runner/logroute.py).
+"""The run's display (featshard/runner/display.py), with the log routing it relies on (test_logroute.py).
 
 Unit tests read a synthetic run; the end-to-end tests run the real CLI with two CPU workers: under a pseudo-terminal
 (the screen, as a terminal shows it, read with pyte: one overall bar at the total, one line per device, every log line
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import multiprocessing
 import os
 import re
 import signal
@@ -21,8 +20,9 @@ import pytest
 from helpers import FAST, cli, make_images, write_list
 from rich.console import Console
 
+from featshard.errors import UsageError
+from featshard.runner.config import RunConfig
 from featshard.runner.display import FINAL, RunDisplay, quiet_logs
-from featshard.runner.logroute import LogListener, RecordSender, route_to
 from featshard.store.atomic import write_json_atomic
 from featshard.store.manifest import write_manifest
 from featshard.store.plan import plan_shards
@@ -126,44 +126,10 @@ def test_quiet_passes_warnings_and_the_final_line(caplog: pytest.LogCaptureFixtu
     assert stream.getvalue().splitlines() == ["a warning", "the final line", "after the run"]
 
 
-# ---- log routing -----------------------------------------------------------------------------------------------------
-def _log_then_die(address: str) -> None:
-    """A worker: routes its logs, forks a 'loader' that logs, logs its last error and is SIGKILLed at once."""
-    route_to(address, logging.INFO)
-    pid = os.fork()
-    if pid == 0:
-        logging.getLogger("featshard.loader").warning("from the loader %d", os.getpid())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    print("printed", flush=True)
-    os.write(2, b"written to fd 2 by a C library\nwithout a newline at the end")
-    logging.getLogger("featshard.worker").error("last words of %d", os.getpid())
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def test_records_of_a_killed_worker_and_its_forked_loader_arrive(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
-    with LogListener() as listener:
-        proc = multiprocessing.get_context("spawn").Process(target=_log_then_die, args=(listener.address,))
-        proc.start()
-        proc.join(60)
-    assert proc.exitcode == -signal.SIGKILL
-    got = {(r.name, r.levelname, r.processName): r.getMessage() for r in caplog.records}
-    assert got[("featshard.worker", "ERROR", proc.name)] == f"last words of {proc.pid}"
-    assert any(k[0] == "featshard.loader" and v.startswith("from the loader ") for k, v in got.items())
-    output = [r.getMessage() for r in caplog.records if r.name == "featshard.worker.output"]
-    assert output == ["printed", "written to fd 2 by a C library", "without a newline at the end"]
-    assert {(r.levelname, r.processName) for r in caplog.records if r.name == "featshard.worker.output"} == {
-        ("WARNING", proc.name)}
-    assert not os.path.exists(listener.address)
-
-
-def test_a_record_that_cannot_be_sent_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sender = RecordSender(str(tmp_path / "nobody-listens"))
-    sender.handle(logging.makeLogRecord({"name": "featshard.w", "levelno": logging.ERROR, "levelname": "ERROR",
-                                         "msg": "disk full"}))
-    err = capsys.readouterr().err
-    assert " ERROR " in err and "featshard.w: disk full" in err
+def test_progress_every_is_checked() -> None:
+    assert RunConfig(input="l", out="o", progress_every=0).progress_every == 0.0
+    with pytest.raises(UsageError, match="--progress-every -1"):
+        RunConfig(input="l", out="o", progress_every=-1)
 
 
 # ---- end to end: the real CLI, two CPU workers ----------------------------------------------------------------------

@@ -138,7 +138,7 @@ def execute(specs: list[ShardSpec], config: RunConfig, processes: int, stop: Sto
         log.debug("worker environment: %s", applied)
     level = logging.WARNING if config.quiet else logging.getLogger().getEffectiveLevel()
     with RunDisplay([s.shard for s in specs], specs[0].run_dir, outcome.retries, config.progress_every,
-                    config.quiet, label or "all") as _, LogListener() as listener:
+                    config.quiet, label or "all"), LogListener() as listener:
         backend = make_backend(config.backend, min(processes, len(todo)), LogRoute(listener.address, level))
         stop.polling = config.backend != "inline"  # inline runs shards in this thread: a signal must interrupt them
         try:
@@ -197,6 +197,14 @@ def _retry(backend: Backend, spec: ShardSpec, exc: WorkerDied, max_retries: int,
     return backend.submit(dataclasses.replace(spec, retries=len(tries)))
 
 
+def final_figures(summary: RunSummary, wall: float) -> str:
+    """The final line's figures: rows, ok, failed, the command's wall time and the rows it processed per second."""
+    resumed = f", {summary.resumed_rows} resumed" if summary.resumed_rows else ""
+    rate = summary.processed_rows / wall if wall > 0 else 0.0
+    return (f"{summary.rows} rows, {summary.ok} ok, {summary.failed} failed{resumed} in {age(wall)}, "
+            f"{rate:.1f} images/s")
+
+
 def finish(p: Prepared, mine: list[Shard], outcome: Outcome, rank: int, nodes: int, wall: float = 0.0) -> RunSummary:
     """summary.json, the verdict and the final line (rows, ok, failed, the command's wall time, its images/s)."""
     summary = summarize(p, mine, outcome.results, outcome.errors, outcome.start_rows, outcome.retries)
@@ -209,12 +217,9 @@ def finish(p: Prepared, mine: list[Shard], outcome: Outcome, rank: int, nodes: i
     if outcome.errors:
         for shard, err in outcome.errors.items():
             log.error("shard %s did not complete: %s", shard, err)
-        raise RunIncomplete(f"run incomplete: {len(outcome.errors)} of {len(mine)} shards failed; rerun the same "
-                            "command to resume", summary)
-    resumed = f", {summary.resumed_rows} resumed" if summary.resumed_rows else ""
-    log.info("run complete: %d rows, %d ok, %d failed%s in %s, %.1f images/s -> %s", summary.rows, summary.ok,
-             summary.failed, resumed, age(wall), summary.processed_rows / wall if wall > 0 else 0.0, p.run_dir,
-             extra=FINAL)
+        raise RunIncomplete(f"run incomplete: {len(outcome.errors)} of {len(mine)} shards failed; "
+                            f"{final_figures(summary, wall)}; rerun the same command to resume", summary)
+    log.info("run complete: %s -> %s", final_figures(summary, wall), p.run_dir, extra=FINAL)
     if summary.retried_rows:
         log.info("--retry-failed: %d of %d retried rows now have a feature", summary.recovered_rows,
                  summary.retried_rows)
