@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ 
 
 # ---- the display over a synthetic run -------------------------------------------------------------------------------
 def write_progress(run: Path, name: str, **fields: Any) -> None:
-    base = {"shard": name, "pid": os.getpid(), "host": os.uname().nodename, "device": "cpu:0", "state": "running",
+    base = {"shard": name, "pid": os.getpid(), "host": socket.gethostname(), "device": "cpu:0", "state": "running",
             "stage": "extracting", "rows_total": 10, "rows_done": 0, "ok": 0, "failed": 0, "images_per_s": 0.0,
             "retries": 0, "started": time.time(), "updated": time.time(), "error": None}
     write_json_atomic(RunDir(run).progress(name), {**base, **fields})
