@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from featshard import __version__, api
 from featshard.errors import FeatshardError
-from featshard.logs import setup_logging
+from featshard.logs import default_level, setup_logging
 from featshard.options import add_options, from_namespace
 
 # command -> (config class "module:Class", one-line help); only the invoked command's config module is imported
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or default_level())  # each command sets it: an in-process caller may call main again
     if not getattr(args, "_config", None):
         parser.print_help(sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from featshard.store.rundir import RunDir
 
 def test_only_the_first_workers_preload() -> None:
     code = ("import multiprocessing as mp, sys; "
-            "from featshard.runner.backends import _worker_init; v = mp.Value('i', 1); "
+            "from featshard.runner.pool import _worker_init; v = mp.Value('i', 1); "
             "_worker_init(('colorsys',), v); first = 'colorsys' in sys.modules; "
             "_worker_init(('wave', 'no_such_module_here'), v); print(first, 'wave' in sys.modules, v.value)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
@@ -29,7 +29,7 @@ def test_only_the_first_workers_preload() -> None:
 
 
 def test_a_module_that_fails_to_import_does_not_fail_the_worker() -> None:
-    code = ("import multiprocessing as mp; from featshard.runner.backends import _worker_init; "
+    code = ("import multiprocessing as mp; from featshard.runner.pool import _worker_init; "
             "_worker_init(('no_such_module_here',), mp.Value('i', 2)); print('alive')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

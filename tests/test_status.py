@@ -16,7 +16,7 @@ from featshard.store.atomic import write_json_atomic
 from featshard.store.manifest import write_manifest
 from featshard.store.plan import plan_shards
 from featshard.store.shards import Block, write_block
-from featshard.runner.status import collect
+from featshard.runner.status import collect, totals
 from featshard.store.rundir import RunDir
 from helpers import cli
 
@@ -136,3 +136,32 @@ def test_submitted_slurm_run_before_any_task_started(tmp_path: Path) -> None:
     assert "no task has started yet" in proc.stdout and "'extract': '41'" in proc.stdout
     data = json.loads(cli("status", str(tmp_path), "--json", check=True).stdout)
     assert data["slurm"]["merge"] == "42" and data["shards"] == []
+
+
+def test_stage_retries_eta_per_shard_and_per_node(run: Path) -> None:
+    progress(run, "shard-00001-of-00006", rows_done=5, ok=5, images_per_s=2.5, stage="extracting", retries=1)
+    status = collect(str(run))
+    live = status["shards"][1]
+    assert (live["stage"], live["retries"], live["eta_s"]) == ("extracting", 1, 2.0)  # (10 - 5) / 2.5
+    assert status["shards"][0]["stage"] == "done" and status["shards"][4]["eta_s"] is None
+    node0, node1 = status["totals"]["nodes"]
+    assert (node0["node"], node0["rows"], node0["rows_done"], node0["images_per_s"]) == (0, 30, 18, 2.5)
+    assert node0["eta_s"] == pytest.approx(12 / 2.5) and node0["retries"] == 1
+    assert (node1["rows_done"], node1["images_per_s"], node1["eta_s"]) == (5, 0.0, None)  # nothing runs there
+    table = cli("status", str(run), check=True).stdout
+    assert any(" extracting " in line and line.split()[-3] == "1" for line in table.splitlines()
+               if line.startswith("shard-00001"))  # retries, then `updated` and pid@host
+    assert "node 0: 1 complete, 1 running, 1 stale; 18/30 rows (60.0%)" in table and "(whole job)" in table
+
+
+def test_whole_job_eta_waits_for_the_slowest_node() -> None:
+    """The job ends when its slowest running node does, and not before every row left is done at the total rate."""
+    def shard(node: int, total: int, done: int, rate: float) -> dict[str, Any]:
+        return {"node": node, "rows_total": total, "rows_done": done, "durable": done, "ok": done, "failed": 0,
+                "images_per_s": rate, "state": "running" if rate else "pending", "retries": 0}
+
+    slow_node = totals([shard(0, 200, 100, 1.0), shard(1, 200, 190, 10.0)], 400)
+    assert slow_node["eta_s"] == 100.0  # node 0: 100 rows at 1/s; all rows left at 11/s would say 10 s
+    waiting_node = totals([shard(0, 200, 100, 10.0), shard(1, 200, 0, 0.0)], 400)
+    assert waiting_node["eta_s"] == 30.0  # node 1 has not started: 300 rows at the 10/s running now
+    assert totals([shard(0, 10, 0, 0.0)], 10)["eta_s"] is None

@@ -71,6 +71,7 @@ class BatchStream:
 
     def _supervised(self) -> Iterator[Any]:
         while True:
+            batches: Iterator[Any] | None = None
             try:
                 batches = self._started if self._started is not None else self._new_loader()
                 self._started = None  # a loader that died or stalled is replaced by a fresh one
@@ -84,6 +85,8 @@ class BatchStream:
                     raise LoaderFault(fault_message(self.name, exc)) from exc
                 if kind is None:
                     raise
+                if kind == "died":
+                    _shut_down(batches)  # else torch reports the dead process again, to the next loader's fetch
                 if kind == "died" and self.died_at != self.delivered:
                     self.died_at = self.delivered
                     log.warning("%s: %s; starting a new loader", self.name, exc)
@@ -217,6 +220,19 @@ class _LoaderDeaths:
         finally:
             if self.active:
                 signal.signal(signal.SIGCHLD, self.torch_handler)
+
+
+def _shut_down(batches: Iterator[Any] | None) -> None:
+    """Shut a loader down after one of its processes died: its other processes stop, and torch forgets its process
+    ids (its SIGCHLD handler checks every registered loader: one death would be reported twice otherwise, the second
+    time as a death of the replacement loader). A stalled loader is left alone: a process stuck in a read that the
+    kernel will not end cannot be stopped, and waiting for it would stall this shard too."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as exc:  # noqa: BLE001 - best effort: the replacement loader is what matters
+            log.debug("shutting the dead loader down: %s", exc)
 
 
 class _Skip:

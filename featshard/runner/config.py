@@ -67,11 +67,16 @@ class RunConfig:
     backend: str = option(os.environ.get("FEATSHARD_BACKEND", "pool"),
                           "pool (default) or inline (in-process, for debugging)", choices=BACKENDS)
     dry_run: bool = option(False, "print the shard plan and exit")
+    progress_every: float = option(30.0, "without a terminal (a log file, SLURM): print a progress line every SECONDS "
+                                   "(default 30; 0: none)", metavar="SECONDS")
+    quiet: bool = option(False, "print only warnings, errors and the final line")
 
     def __post_init__(self) -> None:
         check_types(self)
         _at_least(self, 1, "batch_size", "chunk_size", "max_pixels", "num_nodes")
         _at_least(self, 0, "loader_workers", "max_retries", "seed", "node_rank")
+        if self.progress_every < 0:
+            raise UsageError(f"--progress-every {self.progress_every} must be >= 0 seconds")
         if self.image_timeout <= 0:
             raise UsageError(f"--image-timeout {self.image_timeout} must be > 0 seconds")
         if self.stall_timeout < 0:

@@ -8,6 +8,7 @@ command resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -16,14 +17,19 @@ from dataclasses import dataclass, field
 
 from featshard.errors import UsageError
 from featshard.extract.loader import loader_split, plan_shm
-from featshard.runner.backends import Backend, Handle, WorkerDied, check_backend, make_backend
+from featshard.logs import setup_logging
+from featshard.runner.backends import check_backend, make_backend
+from featshard.runner.handles import Backend, Handle, LogRoute, WorkerDied
 from featshard.runner.config import RunConfig
 from featshard.runner.devices import Device, parse_gpus
+from featshard.runner.display import FINAL, RunDisplay, quiet_logs
+from featshard.runner.logroute import LogListener
 from featshard.runner.prepare import Prepared, prepare, scan, shard_attrs
 from featshard.runner.report import RunIncomplete, RunSummary, summarize, verdict
 from featshard.runner.resume import clean_stale, durable_rows
 from featshard.runner.runtime import tune_process_env
 from featshard.runner.signals import Interrupted, StopSignals
+from featshard.runner.status import age
 from featshard.runner.worker import ShardFault, ShardResult, ShardSpec, Stopped, finished_result
 from featshard.store.atomic import TMP_MARK, write_json_atomic
 from featshard.store.locks import RunLock
@@ -64,19 +70,23 @@ def run_job(config: RunConfig) -> RunSummary:
     """`featshard run` as a function: returns the summary, raises RunIncomplete (some shard failed), Interrupted
     (a stop signal), UsageError/FeatshardError (refused before any work)."""
     refuse_in_starting_worker()
+    started = time.monotonic()
     devices = parse_gpus(config.gpus)
     check_backend(config.backend, devices)
     nodes, rank = node_layout(config)
     if config.dry_run:
         return dry_run(config, devices, nodes)
-    with StopSignals() as stop:
+    if not logging.getLogger().handlers:  # a script calling featshard.run() without logging set up: show the run's
+        setup_logging()
+    with StopSignals() as stop, quiet_logs(config.quiet):
         scanned = scan(config)
         with RunLock(scanned.run_dir, rank):  # before the manifest is read, written or cleared (--overwrite)
             clean_run_tmp(scanned.run_dir, rank, nodes)
             prepared = prepare(config, devices, nodes, scanned)
             mine = [s for s in prepared.plan if s.node == rank]
-            outcome = execute(make_specs(prepared, mine, devices, config), config, len(devices), stop)
-            return finish(prepared, mine, outcome, rank, nodes)
+            label = f"node {rank}/{nodes}" if nodes > 1 else f"{len(devices)} device{'s' * (len(devices) > 1)}"
+            outcome = execute(make_specs(prepared, mine, devices, config), config, len(devices), stop, label)
+            return finish(prepared, mine, outcome, rank, nodes, time.monotonic() - started)
 
 
 def refuse_in_starting_worker() -> None:
@@ -123,12 +133,13 @@ def make_specs(p: Prepared, mine: list[Shard], devices: list[Device], config: Ru
     attrs = shard_attrs(p)
     return [ShardSpec(run_dir=p.run_dir, shard=s, source=p.source, model=p.model, prep=p.prep, dtype=p.dtype,
                       batch_size=batch, loader_workers=shm.loaders, chunk_size=p.chunk_size, cpu_threads=threads,
-                      attrs=attrs, progress_position=i, retry_failed=config.retry_failed, prefetch=shm.prefetch)
-            for i, s in enumerate(mine)]
+                      attrs=attrs, retry_failed=config.retry_failed, prefetch=shm.prefetch)
+            for s in mine]
 
 
-def execute(specs: list[ShardSpec], config: RunConfig, processes: int, stop: StopSignals) -> Outcome:
-    """Run the shards that have work left through a backend made for them (none: no backend, no worker)."""
+def execute(specs: list[ShardSpec], config: RunConfig, processes: int, stop: StopSignals, label: str = "") -> Outcome:
+    """Run the shards that have work left through a backend made for them (none: no backend, no worker), under the
+    run's display; the workers' log records come here (the pool's workers send them to a LogListener)."""
     outcome = Outcome(start_rows={s.shard.name: durable_rows(s) for s in specs})
     done = sum(outcome.start_rows.values())
     todo = [s for s in specs if config.retry_failed or not is_complete(RunDir(s.run_dir).shard(s.shard.name))]
@@ -143,17 +154,21 @@ def execute(specs: list[ShardSpec], config: RunConfig, processes: int, stop: Sto
     applied = tune_process_env()  # read by the worker processes when they start
     if applied:
         log.debug("worker environment: %s", applied)
-    backend = make_backend(config.backend, min(processes, len(todo)), config.stall_timeout)
-    stop.polling = config.backend != "inline"  # inline runs shards in this thread: a signal must interrupt them
-    try:
-        return await_all(backend, todo, config.max_retries, stop.received, outcome)
-    except BaseException:
-        t = time.monotonic()
-        backend.terminate()
-        log.info("workers stopped (%.1f s)", time.monotonic() - t)
-        raise
-    finally:
-        stop.polling = False
+    level = logging.WARNING if config.quiet else logging.getLogger().getEffectiveLevel()
+    with RunDisplay([s.shard for s in specs], specs[0].run_dir, outcome.retries, config.progress_every,
+                    config.quiet, label or "all"), LogListener() as listener:
+        backend = make_backend(config.backend, min(processes, len(todo)), config.stall_timeout,
+                               LogRoute(listener.address, level))
+        stop.polling = config.backend != "inline"  # inline runs shards in this thread: a signal must interrupt them
+        try:
+            return await_all(backend, todo, config.max_retries, stop.received, outcome)
+        except BaseException:
+            t = time.monotonic()
+            backend.terminate()
+            log.info("workers stopped (%.1f s)", time.monotonic() - t)
+            raise
+        finally:
+            stop.polling = False
 
 
 def await_all(backend: Backend, specs: list[ShardSpec], max_retries: int, stop: list[int],
@@ -198,10 +213,19 @@ def _retry(backend: Backend, spec: ShardSpec, exc: Exception, max_retries: int, 
     tries.append(durable_rows(spec))
     log.warning("%s; retry %d/%d resumes from its last finished chunk (%d of %d rows done)", exc, len(tries),
                 max_retries, tries[-1], spec.shard.rows)
-    return backend.submit(spec)
+    return backend.submit(dataclasses.replace(spec, retries=len(tries)))
 
 
-def finish(p: Prepared, mine: list[Shard], outcome: Outcome, rank: int, nodes: int) -> RunSummary:
+def final_figures(summary: RunSummary, wall: float) -> str:
+    """The final line's figures: rows, ok, failed, the command's wall time and the rows it processed per second."""
+    resumed = f", {summary.resumed_rows} resumed" if summary.resumed_rows else ""
+    rate = summary.processed_rows / wall if wall > 0 else 0.0
+    return (f"{summary.rows} rows, {summary.ok} ok, {summary.failed} failed{resumed} in {age(wall)}, "
+            f"{rate:.1f} images/s")
+
+
+def finish(p: Prepared, mine: list[Shard], outcome: Outcome, rank: int, nodes: int, wall: float = 0.0) -> RunSummary:
+    """summary.json, the verdict and the final line (rows, ok, failed, the command's wall time, its images/s)."""
     summary = summarize(p, mine, outcome.results, outcome.errors, outcome.start_rows, outcome.retries)
     path = RunDir(p.run_dir).summary(rank, nodes)
     try:
@@ -212,10 +236,9 @@ def finish(p: Prepared, mine: list[Shard], outcome: Outcome, rank: int, nodes: i
     if outcome.errors:
         for shard, err in outcome.errors.items():
             log.error("shard %s did not complete: %s", shard, err)
-        raise RunIncomplete(f"run incomplete: {len(outcome.errors)} of {len(mine)} shards failed; rerun the same "
-                            "command to resume", summary)
-    log.info("run complete: %d rows, %d ok, %d failed, %.1f images/s -> %s", summary.rows, summary.ok,
-             summary.failed, summary.images_per_s, p.run_dir)
+        raise RunIncomplete(f"run incomplete: {len(outcome.errors)} of {len(mine)} shards failed; "
+                            f"{final_figures(summary, wall)}; rerun the same command to resume", summary)
+    log.info("run complete: %s -> %s", final_figures(summary, wall), p.run_dir, extra=FINAL)
     if summary.retried_rows:
         log.info("--retry-failed: %d of %d retried rows now have a feature", summary.recovered_rows,
                  summary.retried_rows)

@@ -65,7 +65,7 @@ class ShardSpec:
     chunk_size: int
     cpu_threads: int
     attrs: dict[str, Any] = field(default_factory=dict)  # provenance written into every file (fingerprint, ...)
-    progress_position: int = 0
+    retries: int = 0  # how many times the coordinator restarted this shard after its worker died (progress file)
     retry_failed: bool = False  # re-process the rows recorded as failed in finished shards and chunks
     prefetch: int = PREFETCH  # batches each loader keeps ready (lowered to fit a small /dev/shm: loader.plan_shm)
 
@@ -161,7 +161,7 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     clean_stale(spec)
     if shards.is_complete(final) and not spec.retry_failed:
         return _done_result(spec, final, t0)
-    progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows)
+    progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows, retries=spec.retries)
     stages = {"load_model": 0.0, "wait_first": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
     extractor = LazyExtractor(spec, device, stages)
     try:
@@ -228,10 +228,6 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
 
 def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
              stages: dict[str, float], progress: Progress) -> int:
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(hi - lo for lo, hi in pending), desc=f"{spec.shard.name} {spec.shard.device}",
-               unit="img", position=spec.progress_position, leave=False, disable=None, dynamic_ncols=True)
     chunks = iter(pending)
     buf = ChunkBuffer(*next(chunks))
     processed = 0
@@ -247,7 +243,6 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
         log.debug("%s: batch of %d after %.3f s", spec.shard.name, batch.size, waited)
         buf.add(batch, extractor.features(batch, stages))
         processed += batch.size
-        bar.update(batch.size)
         progress.add(len(batch.rows), len(batch.failed_rows))
         while buf.full:
             _write_chunk(spec, buf, extractor.dim, stages)
@@ -256,7 +251,6 @@ def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[i
             if nxt is None:
                 break
             buf = ChunkBuffer(*nxt)
-    bar.close()
     return processed
 
 
