@@ -14,6 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from featshard.runner.devices import Device
 from featshard.errors import UsageError
 from featshard.extract.decode import load_image
 from featshard.extract.extractor import Extractor
@@ -113,11 +114,11 @@ def _config(**kw: object) -> RunConfig:
 
 
 def test_pool_applies_only_with_a_layer_and_the_fingerprint_records_timm() -> None:
-    spec = model_spec(_config(), "cpu")
+    spec = model_spec(_config(), [Device("cpu", 0)])
     assert spec.pool == "model"
     with pytest.raises(UsageError, match="--pool max applies with --layer"):
-        model_spec(_config(pool="max"), "cpu")
-    assert model_spec(_config(layer="norm.layer_norm", pool="max"), "cpu").pool == "max"
+        model_spec(_config(pool="max"), [Device("cpu", 0)])
+    assert model_spec(_config(layer="norm.layer_norm", pool="max"), [Device("cpu", 0)]).pool == "max"
     fields = fingerprint_fields(spec, "pre_logits", preprocess_for(VIT), "float32", "sha")
     tag = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
     assert fields["timm"] == {"version": timm.__version__, "pretrained_tag": tag}
