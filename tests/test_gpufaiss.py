@@ -10,7 +10,8 @@ from featshard.index import merge
 from featshard.index import reader as fx
 from featshard.index.faissutil import faiss_metric
 from featshard.index.gpufaiss import (
-    Placement, assignment_indexes, gpu_free_memory, padded_flat, product_quantizer, quantizer_swapped, workload_of,
+    Placement, add_assigned, assignment_indexes, gpu_free_memory, padded_flat, product_quantizer, takes_assignments,
+    workload_of,
 )
 from featshard.index.spec import make_index
 
@@ -79,9 +80,9 @@ def test_pq_trained_with_padded_assignment_encodes_as_well(data):
     assert abs(error(placed) - error(plain)) <= 0.03 * error(plain)
 
 
-@pytest.mark.parametrize("spec", ["IVF32,Flat", "IVF32,PQ8", "IVF32,PQ16x4fs", "OPQ4_16,IVF32,PQ4"])
-def test_adding_through_a_swapped_quantizer_stores_the_same_lists(data, spec):
-    """The code path a GPU add takes (the coarse quantizer swapped for a copy), run with a CPU copy."""
+@pytest.mark.parametrize("spec", ["IVF32,Flat", "IVF32,PQ8", "IVF32,SQ6", "OPQ4_16,IVF32,PQ4"])
+def test_adding_with_a_separate_assigner_stores_the_same_lists(data, spec):
+    """The code path a GPU add takes (list numbers from a copy of the quantizer), run with a CPU copy."""
     index = make_index(spec, 32, "ip")
     if spec.startswith("OPQ"):
         faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0)).niter = 3
@@ -89,13 +90,14 @@ def test_adding_through_a_swapped_quantizer_stores_the_same_lists(data, spec):
     twin = faiss.clone_index(index)
     ids = np.arange(len(data), dtype=np.int64) * 3
     index.add_with_ids(data, ids)
-    ivf = faiss.extract_index_ivf(twin)
-    original, copy = ivf.quantizer, faiss.clone_index(faiss.downcast_index(ivf.quantizer))
-    with quantizer_swapped(twin, copy):
-        assert ivf.quantizer.this != original.this
-        twin.add_with_ids(data, ids)
-    assert ivf.quantizer.this == original.this and ivf.own_fields
+    copy = faiss.clone_index(faiss.downcast_index(faiss.extract_index_ivf(twin).quantizer))
+    for lo in range(0, len(data), 1500):
+        add_assigned(twin, ids[lo:lo + 1500], data[lo:lo + 1500], copy)
+    assert twin.ntotal == index.ntotal == len(data)
     assert list_contents(twin) == list_contents(index)
+    assert takes_assignments(faiss.extract_index_ivf(twin))
+    assert not takes_assignments(faiss.extract_index_ivf(make_index("IVF32,PQ16x4fs", 32, "ip")))
+    assert not workload_of(make_index("IVF32,PQ16x4fs", 32, "ip")).preassign
 
 
 def test_the_cpu_plan_and_its_record(data):

@@ -1,16 +1,18 @@
 """A BuildPlan (featshard.index.gpuplan) carried out with faiss: `Placement.training(index)` attaches k-means
 assignment indexes (GPU flat indexes, or on the CPU a zero-padded flat index for 1-3-dim PQ sub-vectors, which
-faiss's flat search handles ~10x slower than 4-dim ones), `Placement.adding(index)` swaps a flat coarse quantizer for
-its GPU copy while vectors are added, `Placement.knn` computes the tuning's ground truth. The CPU index is the only
-full copy; on a CPU-only plan every step is plain faiss on the CPU (and the same swapping code runs in the tests with
-CPU indexes)."""
+faiss's flat search handles ~10x slower than 4-dim ones); `Placement.adding(index)` assigns each batch to its lists
+with a GPU copy of a flat coarse quantizer and adds it on the CPU; `Placement.knn` computes the tuning's ground truth.
+The CPU index is the only full copy. On a CPU-only plan every step is plain faiss on the CPU, and the tests run the
+GPU steps' code with CPU indexes in place of the GPU ones."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from featshard.errors import UsageError
 from featshard.index.faissutil import is_exact, unwrap
@@ -21,6 +23,7 @@ from featshard.index.vectors import batch_rows_for
 log = logging.getLogger("featshard.index.gpufaiss")
 
 FAST_FLAT_DIM = 4
+Adder = Callable[[np.ndarray, np.ndarray], None]
 
 
 def use_gpu(requested: bool | None, num_gpus: int) -> bool:
@@ -53,7 +56,8 @@ def workload_of(index: Any) -> Workload:
     if ivf is None:
         return Workload(index.d, trains=not index.is_trained, batch_rows=rows, exact=is_exact(index))
     flat = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
-    return Workload(index.d, int(ivf.nlist), int(ivf.d), flat, not index.is_trained, rows)
+    return Workload(index.d, int(ivf.nlist), int(ivf.d), flat, not index.is_trained, rows,
+                    preassign=takes_assignments(ivf))
 
 
 def padded_flat(dim: int) -> Any:
@@ -94,20 +98,30 @@ def assignment_indexes(index: Any, clustering: Any | None, pq_assign: Any | None
             pq.assign_index = None
 
 
-@contextlib.contextmanager
-def quantizer_swapped(index: Any, replacement: Any) -> Iterator[None]:
-    """The IVF's coarse quantizer replaced by `replacement` (holding the same centroids) for the duration."""
+def takes_assignments(ivf: Any) -> bool:
+    """An IVF whose add is "assign, then add_core": flat, PQ and SQ codes (not fast-scan's block lists)."""
     import faiss
 
+    top = faiss.downcast_index(ivf)
+    fast = isinstance(top, faiss.IndexIVFFastScan)
+    return not fast and isinstance(top, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer))
+
+
+def add_assigned(index: Any, ids: np.ndarray, vecs: np.ndarray, assigner: Any) -> None:
+    """index.add_with_ids(vecs, ids), the coarse assignment computed by `assigner` (a copy of the coarse quantizer,
+    e.g. on a GPU) and the codes on the CPU with the index's own quantizer (faiss's residuals call the quantizer
+    once per vector: never a GPU round trip each)."""
+    import faiss
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    top, x = faiss.downcast_index(index), vecs
+    if isinstance(top, faiss.IndexPreTransform):
+        for i in range(top.chain.size()):
+            x = faiss.downcast_VectorTransform(top.chain.at(i)).apply(x)
     ivf = faiss.extract_index_ivf(index)
-    original, owned = ivf.quantizer, ivf.own_fields
-    ivf.own_fields = False
-    ivf.quantizer = replacement
-    try:
-        yield
-    finally:
-        ivf.quantizer = original
-        ivf.own_fields = owned
+    lists = assigner.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1].ravel()
+    add_preassigned(ivf, np.ascontiguousarray(x, dtype=np.float32), lists, np.ascontiguousarray(ids, np.int64))
+    top.ntotal = ivf.ntotal
 
 
 def _gpu_resources(cache: dict[int, Any], gpu: int) -> Any:
@@ -164,19 +178,19 @@ class Placement:
             yield
 
     @contextlib.contextmanager
-    def adding(self, index: Any) -> Iterator[None]:
+    def adding(self, index: Any) -> Iterator[Adder]:
+        """A function adding (ids, vectors) to `index`: with the coarse assignment on the planned GPU, if any."""
         import faiss
 
         step = self.plan.add
         with self.timed("add"):
             if step.device == "cpu":
-                yield
+                yield lambda ids, vecs: index.add_with_ids(vecs, ids)
                 return
             gpu = step.gpus[0]
             quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
             copy = faiss.index_cpu_to_gpu(_gpu_resources(self.resources, gpu), gpu, quantizer)
-            with quantizer_swapped(index, copy):
-                yield
+            yield lambda ids, vecs: add_assigned(index, ids, vecs, copy)
 
     def knn(self) -> Knn:
         """The exact k-NN function of the tune step: faiss.knn, or faiss.knn_gpu on the planned GPU."""

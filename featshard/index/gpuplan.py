@@ -8,9 +8,9 @@ The whole index never goes to a GPU (faiss.index_cpu_to_all_gpus with default op
   the PQ sub-quantizers' k-means likewise (`ProductQuantizer.assign_index`). The sample stays in host memory (faiss
   pages it through its temporary memory). HNSW coarse quantizers included: only their k-means is on the GPU, the
   graph of the centroids is built on the CPU.
-- add: the CPU index receives every code; a flat coarse quantizer is swapped for its float32 copy on the GPU with
-  the most free memory while vectors are added (assigning N vectors to k lists costs N x k x d: the add's work), an
-  HNSW quantizer stays on the CPU (its assignment is cheap).
+- add: a float32 copy of a flat coarse quantizer on the GPU with the most free memory assigns each batch to its
+  lists (N vectors to k lists cost N x k x d: the add's work), then the CPU index encodes and stores it
+  (`add_preassigned`); an HNSW quantizer stays on the CPU (its assignment is cheap), fast-scan indexes too.
 - tune: the exact ground truth (1000 queries against every stored vector, streamed) on one GPU; the recall sweep
   searches the CPU index.
 A GPU needs GPU_RESERVE free beyond its share (faiss's temporary memory, up to 1.5 GiB, and the CUDA context).
@@ -35,6 +35,7 @@ class Workload:
     batch_rows: int = 65_536  # rows of one streamed batch (the ground truth's working set on a GPU)
     queries: int = 1000
     exact: bool = False  # a Flat index: recall 1 by construction, nothing to tune
+    preassign: bool = True  # the IVF's add takes precomputed list numbers (flat/PQ/SQ codes; not fast-scan)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ def plan_add(work: Workload, free: Sequence[int]) -> Step:
         return Step(note="not an IVF index: added on the CPU")
     if not work.flat_quantizer:
         return Step(note="HNSW coarse quantizer: assignment is cheap on the CPU")
+    if not work.preassign:
+        return Step(note="fast-scan lists: added on the CPU")
     centroids = work.nlist * work.ivf_dim * 4
     g = best_gpu(centroids, free)
     if g is None:

@@ -89,9 +89,9 @@ def fill_index(index: Any, sources: Sequence[Source], place: Placement) -> Any:
     """Add every stored vector with its id into the CPU index, streaming one batch at a time (the coarse
     assignment on a GPU where the plan says)."""
     reserve_flat(index, sum(sum(s.counts) for s in sources))
-    with place.adding(index):
+    with place.adding(index) as add:
         for ids, vecs in iter_vectors(sources, batch_rows_for(index.d)):
-            index.add_with_ids(vecs, ids)
+            add(ids, vecs)
     return index
 
 
