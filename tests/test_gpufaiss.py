@@ -95,9 +95,10 @@ def test_adding_with_a_separate_assigner_stores_the_same_lists(data, spec):
         add_assigned(twin, ids[lo:lo + 1500], data[lo:lo + 1500], copy)
     assert twin.ntotal == index.ntotal == len(data)
     assert list_contents(twin) == list_contents(index)
-    assert takes_assignments(faiss.extract_index_ivf(twin))
-    assert not takes_assignments(faiss.extract_index_ivf(make_index("IVF32,PQ16x4fs", 32, "ip")))
-    assert not workload_of(make_index("IVF32,PQ16x4fs", 32, "ip")).preassign
+    assert takes_assignments(twin)
+    for other in ("IVF32,PQ16x4fs", "IVF32,PQ8,RFlat", "HNSW8"):
+        index = make_index(other, 32, "ip")
+        assert not takes_assignments(index) and not workload_of(index).preassign
 
 
 def test_the_cpu_plan_and_its_record(data):

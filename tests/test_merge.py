@@ -213,6 +213,15 @@ def test_ids_wrap_only_where_needed():
     assert isinstance(make_index("HNSW8", 8, "l2"), faiss.IndexIDMap2)
     assert faiss.try_extract_index_ivf(make_index("IVF4,Flat", 8, "ip")) is not None
     assert not isinstance(make_index("IVF4,Flat", 8, "ip"), faiss.IndexIDMap2)
+    assert isinstance(make_index("IVF4,PQ4x4fs,RFlat", 8, "ip"), faiss.IndexIDMap2)  # IndexRefine takes no ids
+
+
+def test_a_refined_ivf_merges_and_finds_rows(run):
+    run_dir, vectors = run
+    meta = merge.build(run_dir, "IVF16,PQ8x4fs,Refine(SQ8)")
+    assert meta["ntotal"] == 1997 and "nprobe" in meta["search_params"]
+    _, ids = fx.load_index(run_dir).search(vectors[[10, 1500]], 1)
+    assert ids[:, 0].tolist() == [10, 1500]
 
 
 def test_cli_merge_with_l2_and_hnsw(run):

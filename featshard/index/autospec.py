@@ -3,11 +3,11 @@ docstring, i.e. `featshard merge --help`), and `Layout.bytes`, the size estimate
 (an index's file size, which is also its memory once loaded; tests/test_autospec.py checks it against real files).
 
 The vector codes, most faithful first, with their bytes per d-dim vector and recall@10 measured on 100k x 256
-clustered unit vectors (IVF1024, nprobe tuned; featshard/tools/indexbench.py data): Flat 4d (1.0 by nprobe),
-SQ8 d (0.993), SQ6 3d/4 (0.977), PQ{d/2} d/2 (0.946: 2-dim sub-vectors, 8 bits each), SQ4 d/2 (0.914),
-PQ{d/4} d/4, then OPQ-rotated PQ with fewer bytes. Fast-scan PQ{m}x4fs halves PQ{m}'s bytes but loses more recall
-than halving m (PQ64x4fs 0.637 vs PQ32); a refine step needs a second, finer code of every vector, which only pays
-where that finer code alone would not fit anyway: neither is on the ladder.
+clustered unit vectors (featshard.tools.indexbench data; IVF1024, nprobe raised until 0.95 or a plateau): Flat 4d,
+SQ8 d (0.993), SQ6 3d/4 (0.977), PQ{d/2} d/2 (0.946: 2-dim sub-vectors, 8 bits each), SQ4 d/2 (0.914), PQ{d/4}
+d/4 (0.835), then OPQ-rotated PQ with fewer bytes. Fast-scan 4-bit PQ loses more than it saves (PQ128x4fs, 64 bytes:
+0.747, vs PQ64's 0.835 in the same bytes); a refine step stores a second, finer code of every vector, so within one
+budget it beats spending those bytes on one code only for search speed, not recall: neither is on the ladder.
 """
 from __future__ import annotations
 

@@ -54,10 +54,10 @@ def workload_of(index: Any) -> Workload:
     ivf = faiss.try_extract_index_ivf(index)
     rows = batch_rows_for(index.d)
     if ivf is None:
-        return Workload(index.d, trains=not index.is_trained, batch_rows=rows, exact=is_exact(index))
+        return Workload(index.d, trains=not index.is_trained, batch_rows=rows, exact=is_exact(index), preassign=False)
     flat = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
     return Workload(index.d, int(ivf.nlist), int(ivf.d), flat, not index.is_trained, rows,
-                    preassign=takes_assignments(ivf))
+                    preassign=takes_assignments(index))
 
 
 def padded_flat(dim: int) -> Any:
@@ -98,11 +98,14 @@ def assignment_indexes(index: Any, clustering: Any | None, pq_assign: Any | None
             pq.assign_index = None
 
 
-def takes_assignments(ivf: Any) -> bool:
-    """An IVF whose add is "assign, then add_core": flat, PQ and SQ codes (not fast-scan's block lists)."""
+def takes_assignments(index: Any) -> bool:
+    """An IVF index (under transforms at most: no id map, no refine step) whose add is "assign, then add_core":
+    flat, PQ and SQ codes, not fast-scan's block lists."""
     import faiss
 
-    top = faiss.downcast_index(ivf)
+    top = faiss.downcast_index(index)
+    while isinstance(top, faiss.IndexPreTransform):
+        top = faiss.downcast_index(top.index)
     fast = isinstance(top, faiss.IndexIVFFastScan)
     return not fast and isinstance(top, (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer))
 
@@ -114,14 +117,18 @@ def add_assigned(index: Any, ids: np.ndarray, vecs: np.ndarray, assigner: Any) -
     import faiss
     from faiss.contrib.ivf_tools import add_preassigned
 
-    top, x = faiss.downcast_index(index), vecs
-    if isinstance(top, faiss.IndexPreTransform):
+    if not takes_assignments(index):
+        raise ValueError("add_assigned needs an IVF flat/PQ/SQ index, under transforms at most")
+    wrappers, top, x = [], faiss.downcast_index(index), vecs
+    while isinstance(top, faiss.IndexPreTransform):
         for i in range(top.chain.size()):
             x = faiss.downcast_VectorTransform(top.chain.at(i)).apply(x)
-    ivf = faiss.extract_index_ivf(index)
-    lists = assigner.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1].ravel()
-    add_preassigned(ivf, np.ascontiguousarray(x, dtype=np.float32), lists, np.ascontiguousarray(ids, np.int64))
-    top.ntotal = ivf.ntotal
+        wrappers.append(top)
+        top = faiss.downcast_index(top.index)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    add_preassigned(top, x, assigner.search(x, 1)[1].ravel(), np.ascontiguousarray(ids, np.int64))
+    for wrapper in wrappers:
+        wrapper.ntotal = top.ntotal
 
 
 def _gpu_resources(cache: dict[int, Any], gpu: int) -> Any:

@@ -27,7 +27,8 @@ def parse_size(text: str) -> int:
 
 
 def make_index(spec: str, dim: int, metric: str) -> Any:
-    """faiss.index_factory(spec), wrapped in IndexIDMap2 unless it takes ids itself (IVF, or an IDMap spec)."""
+    """faiss.index_factory(spec), wrapped in IndexIDMap2 unless it takes ids itself (IVF, or an IDMap spec; an IVF
+    under a refine step does not)."""
     import faiss
 
     if not spec or not spec.strip():
@@ -43,7 +44,8 @@ def make_index(spec: str, dim: int, metric: str) -> Any:
     inner = faiss.downcast_index(ivf) if ivf is not None else unwrap(top)
     if getattr(inner, "do_polysemous_training", False):
         inner.do_polysemous_training = False  # factory "PQm" turns it on: minutes of annealing, unused by search
-    if ivf is None and not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+    takes_ids = ivf is not None and not isinstance(top, faiss.IndexRefine)  # IndexRefine has no add_with_ids
+    if not takes_ids and not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         index = faiss.IndexIDMap2(index)  # the factory's object, which owns the C++ index (`top` is a view)
     return index
 
