@@ -123,6 +123,7 @@ def run_auto_bench(out_dir: str | os.PathLike[str], n: int = 500_000, dim: int =
     from featshard.index.spec import parse_size
 
     out = Path(out_dir)
+    load_before = os.getloadavg()
     run_dir = out / "auto-bench-run"
     if not (run_dir / "manifest.json").is_file():
         write_run(run_dir, n, dim, seed)
@@ -130,9 +131,9 @@ def run_auto_bench(out_dir: str | os.PathLike[str], n: int = 500_000, dim: int =
             for spec in ("auto", *specs)]
     if autofaiss_python:
         rows.append(autofaiss_job(autofaiss_python, run_dir, out / "autofaiss", budget, seed))
-    load = os.getloadavg()
     result = {"n": n, "dim": dim, "budget": budget, "seed": seed, "threads": threads, "cpu_count": os.cpu_count(),
-              "load_average_after": [round(x, 2) for x in load], "builds": rows, "table": table(rows)}
+              "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in os.getloadavg()], "builds": rows, "table": table(rows)}
     print(result["table"])
     write_json_atomic(out / "auto_bench.json", result)
     return result
