@@ -104,15 +104,15 @@ def autofaiss_job(python: str, run_dir: Path, work: Path, budget: str, seed: int
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'builder':<28}{'spec':<36}{'index MB':>9}{'recall@10':>10}{'seconds':>9}{'peak RSS MB':>12}"
+    head = f"{'builder':<26}{'spec':<35}{'index MB':>9}{'recall@10':>22}{'seconds':>9}{'peak RSS MB':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['builder']:<28}failed: {r['error']}")
+            lines.append(f"{r['builder']:<26}failed: {r['error']}")
             continue
         recall = f"{r['recall_at_10']:.3f}" + (f" ({r['recall_at_10_tuned']:.3f} tuned)"
                                                if "recall_at_10_tuned" in r else "")
-        lines.append(f"{r['builder']:<28}{r['spec']:<36}{r['index_bytes'] / 1e6:>9.1f}{recall:>10}"
+        lines.append(f"{r['builder']:<26}{r['spec']:<35}{r['index_bytes'] / 1e6:>9.1f}{recall:>22}"
                      f"{r['seconds']:>9.1f}{r['peak_rss_bytes'] / 2**20:>12.0f}")
     return "\n".join(lines)
 
