@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FeatshardError as exc:
         print(f"featshard {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if exc.name != "faiss":
+            raise
+        print(f"featshard {args.command}: error: faiss is not installed: pip install 'featshard[cpu]' (or "
+              "'featshard[gpu]'; in this repository: make install, or make install GPU=1)", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `featshard search ... | head`: the reader went away; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -16,7 +16,9 @@ from featshard.errors import FeatshardError, UsageError
 from featshard.store.plan import shard_name
 from featshard.index.faissutil import apply_params
 from featshard.index.recall import recall_at
-from featshard.index.spec import auto_spec, choose_train_size, make_index, nlist_for, parse_size, train_bounds
+from featshard.index.autospec import auto_spec, nlist_for
+from featshard.index.gpufaiss import use_gpu
+from featshard.index.spec import choose_train_size, make_index, parse_size, train_bounds
 from featshard.store.rundir import RunDir
 
 faiss.omp_set_num_threads(1)  # shared 2-core box: OpenMP threads spinning under load are ~20x slower
@@ -62,6 +64,9 @@ def test_index_json_describes_the_build(run):
     assert meta["sources"] == [{"run_dir": str(run_dir.resolve()), "relpath": ".", "fingerprint": "fp-1",
                                 "id_offset": 0, "rows": 2000, "stored": 1997}]
     assert meta["index_bytes"] == (run_dir / "index" / "index.faiss").stat().st_size
+    assert meta["index_bytes"] <= meta["estimated_bytes"] <= meta["index_bytes"] + 8192
+    assert meta["gpu"] is False and list(meta["steps"]) == ["train", "add", "tune"]
+    assert all(step["device"] == "cpu" and step["seconds"] > 0 and step["note"] for step in meta["steps"].values())
     assert not [p.name for p in (run_dir / "index").iterdir() if ".tmp" in p.name]
 
 
@@ -132,11 +137,14 @@ def test_bad_shards_are_refused_naming_the_shard(run, damage, message):
     (50_000, 256, 8 << 30, "Flat"),
     (500_000, 256, 8 << 30, "IVF2048,Flat"),
     (20_000_000, 256, 64 << 30, "IVF16384_HNSW32,Flat"),
-    (5_000_000, 256, 1 << 30, "IVF8192,PQ64"),
-    (100_000_000, 512, 16 << 30, "OPQ64_256,IVF32768_HNSW32,PQ64"),
-    (1_000_000, 100, 48 << 20, "OPQ32_96,IVF4096,PQ32"),
+    (5_000_000, 256, 1 << 30, "IVF8192,SQ6"),
+    (100_000_000, 512, 16 << 30, "IVF32768_HNSW32,PQ128"),
+    (1_000_000, 100, 48 << 20, "IVF4096,PQ25"),
     (150_000, 2048, 2 << 30, "IVF2048,Flat"),
-    (50_000, 2048, 100 << 20, "OPQ64_256,IVF1024,PQ64"),
+    (50_000, 2048, 100 << 20, "IVF1024,SQ6"),
+    (500_000, 256, 100 << 20, "IVF2048,SQ6"),
+    (500_000, 256, 100_000_000, "IVF2048,PQ128"),
+    (1_000_000_000, 2048, 100 << 30, "OPQ96_384,IVF131072_HNSW32,PQ96"),
 ])
 def test_auto_spec_follows_the_documented_rule(n, dim, memory, expected):
     spec, reason = auto_spec(n, dim, memory)
@@ -156,7 +164,8 @@ def test_auto_through_merge_records_the_reason(run):
     meta = merge.build(run_dir, "auto", max_memory=1 << 30)
     assert meta["spec"] == "Flat" and "exact" in meta["spec_reason"]
     meta = merge.build(run_dir, "auto", max_memory=100_000)
-    assert meta["spec"].startswith("IVF") and "PQ" in meta["spec"] and "does not fit" in meta["spec_reason"]
+    assert meta["spec"] == "IVF32,SQ8" and "Flat (" in meta["spec_reason"] and "too big" in meta["spec_reason"]
+    assert meta["index_bytes"] <= meta["estimated_bytes"] <= 100_000
 
 
 @pytest.mark.parametrize("spec", ["IVFxx,Flat", "PQ7", "", "Nonsense"])
@@ -189,10 +198,10 @@ def test_train_size_defaults_from_the_spec():
 
 
 def test_gpu_decision_and_sizes():
-    assert merge.use_gpu(None, 0) is False and merge.use_gpu(None, 2) is True
-    assert merge.use_gpu(False, 2) is False and merge.use_gpu(True, 1) is True
+    assert use_gpu(None, 0) is False and use_gpu(None, 2) is True
+    assert use_gpu(False, 2) is False and use_gpu(True, 1) is True
     with pytest.raises(UsageError, match="no GPU"):
-        merge.use_gpu(True, 0)
+        use_gpu(True, 0)
     assert parse_size("4G") == 4 << 30 and parse_size("512MiB") == 512 << 20
     assert parse_size("1000") == 1000 and parse_size("1.5k") == 1536
     with pytest.raises(UsageError):
@@ -204,6 +213,15 @@ def test_ids_wrap_only_where_needed():
     assert isinstance(make_index("HNSW8", 8, "l2"), faiss.IndexIDMap2)
     assert faiss.try_extract_index_ivf(make_index("IVF4,Flat", 8, "ip")) is not None
     assert not isinstance(make_index("IVF4,Flat", 8, "ip"), faiss.IndexIDMap2)
+    assert isinstance(make_index("IVF4,PQ4x4fs,RFlat", 8, "ip"), faiss.IndexIDMap2)  # IndexRefine takes no ids
+
+
+def test_a_refined_ivf_merges_and_finds_rows(run):
+    run_dir, vectors = run
+    meta = merge.build(run_dir, "IVF16,PQ8x4fs,Refine(SQ8)")
+    assert meta["ntotal"] == 1997 and "nprobe" in meta["search_params"]
+    _, ids = fx.load_index(run_dir).search(vectors[[10, 1500]], 1)
+    assert ids[:, 0].tolist() == [10, 1500]
 
 
 def test_cli_merge_with_l2_and_hnsw(run):

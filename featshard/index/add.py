@@ -23,6 +23,7 @@ from featshard.store.atomic import fsync_file
 from featshard.store.rundir import RunDir
 from featshard.store.manifest import diff_fields, load_manifest
 from featshard.index.faissutil import apply_params, faiss_stdout_to_stderr
+from featshard.index.gpufaiss import Placement
 from featshard.index.recall import tune
 from featshard.index.vectors import Source, check_source, source_of
 
@@ -89,7 +90,7 @@ def merge_with_existing(existing: Any, trained: Any, part_files: list[str], path
     return trained
 
 
-def add_on_disk(loaded: fx.LoadedIndex, src: Source, gpu: bool) -> tuple[Any, str]:
+def add_on_disk(loaded: fx.LoadedIndex, src: Source, place: Placement) -> tuple[Any, str]:
     import faiss
 
     paths = RunDir(loaded.run_dir)
@@ -97,7 +98,7 @@ def add_on_disk(loaded: fx.LoadedIndex, src: Source, gpu: bool) -> tuple[Any, st
     if not trained_path.is_file():
         raise FeatshardError(f"{trained_path} is missing (it is kept by `merge --on-disk`); rebuild with merge")
     trained = faiss.read_index(str(trained_path))
-    files = merge.write_parts(trained, [src], paths.index_parts, gpu)
+    files = merge.write_parts(trained, [src], paths.index_parts, place)
     ivfdata = merge.new_ivfdata_name()
     index = merge_with_existing(loaded.index, trained, files, out / ivfdata)
     apply_params(index, loaded.meta.get("search_params") or {})
@@ -107,25 +108,27 @@ def add_on_disk(loaded: fx.LoadedIndex, src: Source, gpu: bool) -> tuple[Any, st
 def add_run(run_dir: str | Path, other_dir: str | Path, target_recall: float | None = None,
             gpu: bool | None = None) -> dict[str, Any]:
     """The add command as a function; returns the new index.json dict."""
-    import faiss
-
     run, other = Path(run_dir), Path(other_dir)
     check_compatible(run, other)
     loaded = fx.load_index(run)
     src = check_new_source(loaded, other)
     started = time.perf_counter()
-    on_gpu = merge.use_gpu(gpu, faiss.get_num_gpus())
+    place = Placement.for_index(loaded.index, gpu)
     before = loaded.ntotal
     if loaded.meta.get("on_disk"):
-        index, ivfdata = add_on_disk(loaded, src, on_gpu)
+        index, ivfdata = add_on_disk(loaded, src, place)
     else:
-        index, ivfdata = merge.fill_index(loaded.index, [src], on_gpu), None
+        index, ivfdata = merge.fill_index(loaded.index, [src], place), None
     sources = [check_source(s) for s in loaded.sources] + [src]
     meta = dict(loaded.meta)
     target = target_recall if target_recall is not None else float(meta.get("recall_target", 0.95))
     meta.update({"ntotal": int(index.ntotal), "sources": [s.to_meta(run) for s in sources],
                  "add_seconds": round(time.perf_counter() - started, 3)})
-    meta.update(tune(index, sources, meta["metric"], target, int(meta.get("seed", 0))))
+    with place.timed("tune"):
+        meta.update(tune(index, sources, meta["metric"], target, int(meta.get("seed", 0)), knn=place.knn()))
+    steps = place.meta()
+    meta["steps"] = {**(meta.get("steps") or {}), "add_run": {**steps["add"], "from": str(other)},
+                     "tune": steps["tune"]}
     log.info("added %d vectors of %s (ids from %d): %d -> %d", index.ntotal - before, other, src.id_offset,
              before, index.ntotal)
     return merge.save(run, index, meta, ivfdata)

@@ -6,18 +6,25 @@ refused. Approximate specs are trained on a sample drawn uniformly (seeded) over
 then filled by streaming; their recall@10 is measured against exact search and nprobe / efSearch tuned to
 `--target-recall`.
 
-`--index-spec auto` picks from the number of vectors N, the dimension d and `--max-index-memory` M
-(default: half of this machine's RAM):
+`--index-spec auto` uses the memory it is given, `--max-index-memory` M (default: half of this machine's RAM),
+for the most faithful index of the N d-dim vectors that fits in M (sizes as featshard.index.autospec estimates them:
+the index file, which is also its memory once loaded):
   1. N < 100,000 and a Flat index (N x (4d + 48) bytes with its id map) fits M  ->  `Flat` (exact);
-  2. an IVF-Flat index (N x (4d + 8) bytes + centroids) fits M  ->  `IVF{k},Flat`, with k the power of two nearest
-     4·sqrt(N) (at most N/39 so every list gets 39 training points); `IVF{k}_HNSW32,Flat` once k >= 16384,
-     where an HNSW coarse quantizer makes assignment fast;
-  3. otherwise product quantization with the most bytes per vector m in (64, 48, 32, 16, 8) that fits:
-     `IVF{k},PQ{m}` when d <= 4m and m divides d, else `OPQ{m}_{D},IVF{k},PQ{m}` (rotation and reduction to
-     D = 4m dimensions, or the largest multiple of m below d); the HNSW quantizer again once k >= 16384;
-  4. not even PQ8 fits: an error asking for more --max-index-memory.
-With `--on-disk` rule 1 is skipped (the inverted lists of an IVF index are what can live on disk).
-The chosen spec and the reason are written to index.json.
+  2. otherwise an IVF index with k lists, k the power of two nearest 4·sqrt(N) (at most N/39 so every list gets 39
+     training points), an HNSW32 coarse quantizer once k >= 16384 (`IVF{k}_HNSW32`), and the first vector code of
+     this ladder that fits (each costs its bytes plus an 8-byte id per vector, plus the centroids):
+       Flat (4d bytes), SQ8 (d), SQ6 (3d/4), PQ{d/2} (d/2: 2-dim sub-vectors of 8 bits; SQ4 for odd d),
+       PQ{d/4} (d/4), then OPQ{m}_{4m},...,PQ{m} (a rotation and reduction to 4m dims) for m = 256, 192, 128, 96,
+       64, 48, 32, 16, 8 below d/4;
+  3. not even the last one fits: an error asking for more --max-index-memory.
+On 500k x 256 clustered vectors with M = 100M this is IVF2048,SQ6 (97 MiB, recall@10 0.97; README "Index" has the
+comparison with autofaiss). With `--on-disk` rule 1 is skipped (the inverted lists of an IVF index are what can
+live on disk). The chosen spec and the reason are written to index.json.
+
+With a GPU build of faiss that sees GPUs (or `--gpu`), the k-means of training runs on them and the add's coarse
+assignment on one of them, as far as each GPU's free memory allows; the index itself is built on the CPU, never
+copied to a GPU (featshard.index.gpuplan). index.json `steps` says where train, add and tune ran (cpu, gpu:N), why,
+and how long each took.
 """
 from __future__ import annotations
 
@@ -35,8 +42,10 @@ from featshard.index.reader import IndexInfo
 from featshard.errors import FeatshardError, UsageError
 from featshard.store.atomic import fsync_file, write_atomic, write_json_atomic
 from featshard.store.rundir import RunDir
+from featshard.index.autospec import auto_spec, layout_of
 from featshard.index.faissutil import faiss_stdout_to_stderr, is_exact
-from featshard.index.spec import auto_spec, choose_train_size, make_index
+from featshard.index.gpufaiss import Placement
+from featshard.index.spec import choose_train_size, make_index
 from featshard.index.recall import tune
 from featshard.index.vectors import (
     ShardRef, Source, batch_rows_for, check_source, gather, iter_vectors, sample_positions, source_of,
@@ -45,35 +54,17 @@ from featshard.index.vectors import (
 log = logging.getLogger("featshard.index.merge")
 
 
-def use_gpu(requested: bool | None, num_gpus: int) -> bool:
-    """GPU when asked (error if faiss sees none) or, by default, when a GPU faiss build sees a device."""
-    if requested and num_gpus == 0:
-        raise UsageError("--gpu given but faiss sees no GPU (install the GPU build: pip install .[gpu])")
-    return num_gpus > 0 if requested is None else bool(requested)
-
-
-def on_device(index: Any, gpu: bool) -> tuple[Any, Any]:
-    """(index to work on, function giving back a CPU index): the GPUs' copy for IVF specs when gpu is on."""
-    import faiss
-
-    if not gpu or faiss.try_extract_index_ivf(index) is None:
-        return index, lambda x: x
-    try:
-        return faiss.index_cpu_to_all_gpus(index), faiss.index_gpu_to_cpu
-    except (RuntimeError, AttributeError) as exc:
-        log.warning("cannot move this index to the GPUs (%s); building on the CPU", exc)
-        return index, lambda x: x
-
-
-def train_index(index: Any, sources: Sequence[Source], size: int, seed: int, gpu: bool) -> Any:
-    """Train on `size` vectors drawn uniformly (seeded) across every stored row of every shard."""
+def train_index(index: Any, sources: Sequence[Source], size: int, seed: int, place: Placement) -> Any:
+    """Train on `size` vectors drawn uniformly (seeded) across every stored row of every shard, in place; the
+    k-means assignments where the plan puts them (featshard.index.gpuplan)."""
     total = sum(sum(s.counts) for s in sources)
     positions = sample_positions(total, size, seed)
     _, sample = gather(sources, positions, batch_rows_for(index.d))
-    log.info("training on %d of %d vectors (%.1f MB)", len(sample), total, sample.nbytes / 1e6)
-    work, back = on_device(index, gpu)
-    work.train(sample)
-    return back(work)
+    log.info("training on %d of %d vectors (%.1f MB); %s", len(sample), total, sample.nbytes / 1e6,
+             place.plan.train.device)
+    with place.training(index):
+        index.train(sample)
+    return index
 
 
 def reserve_flat(index: Any, extra: int) -> None:
@@ -94,16 +85,17 @@ def reserve_flat(index: Any, extra: int) -> None:
     top.id_map.resize(ids)
 
 
-def fill_index(index: Any, sources: Sequence[Source], gpu: bool) -> Any:
-    """Add every stored vector with its id, streaming one batch at a time."""
+def fill_index(index: Any, sources: Sequence[Source], place: Placement) -> Any:
+    """Add every stored vector with its id into the CPU index, streaming one batch at a time (the coarse
+    assignment on a GPU where the plan says)."""
     reserve_flat(index, sum(sum(s.counts) for s in sources))
-    work, back = on_device(index, gpu)
-    for ids, vecs in iter_vectors(sources, batch_rows_for(index.d)):
-        work.add_with_ids(vecs, ids)
-    return back(work)
+    with place.adding(index) as add:
+        for ids, vecs in iter_vectors(sources, batch_rows_for(index.d)):
+            add(ids, vecs)
+    return index
 
 
-def write_parts(trained: Any, sources: Sequence[Source], parts_dir: Path, gpu: bool) -> list[str]:
+def write_parts(trained: Any, sources: Sequence[Source], parts_dir: Path, place: Placement) -> list[str]:
     """One IVF part file per shard: a copy of the trained empty index filled with that shard's vectors."""
     import faiss
 
@@ -112,7 +104,7 @@ def write_parts(trained: Any, sources: Sequence[Source], parts_dir: Path, gpu: b
     for si, src in enumerate(sources):
         for ref, count in zip(src.shards, src.counts):
             if count:
-                part = fill_index(faiss.clone_index(trained), [_single(src, ref, count)], gpu)
+                part = fill_index(faiss.clone_index(trained), [_single(src, ref, count)], place)
                 files.append(str(parts_dir / f"part-{si:03d}-{src.id_offset}-{ref.name}.faiss"))
                 write_index_atomic(part, Path(files[-1]))
                 del part
@@ -124,12 +116,12 @@ def new_ivfdata_name() -> str:
     return f"index-{time.strftime('%Y%m%d%H%M%S')}-{np.random.default_rng().integers(1 << 30):08x}.ivfdata"
 
 
-def build_on_disk(trained: Any, sources: Sequence[Source], out: Path, gpu: bool) -> tuple[Any, str]:
+def build_on_disk(trained: Any, sources: Sequence[Source], out: Path, place: Placement) -> tuple[Any, str]:
     """Parts per shard, then faiss.contrib.ondisk.merge_ondisk of their inverted lists into one .ivfdata."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
-    files = write_parts(trained, sources, out / "parts", gpu)
+    files = write_parts(trained, sources, out / "parts", place)
     ivfdata = new_ivfdata_name()
     merged = faiss.clone_index(trained)
     with faiss_stdout_to_stderr():
@@ -177,12 +169,13 @@ def resolve_spec(spec: str, ntotal: int, dim: int, max_memory: int | None, on_di
     return spec, reason
 
 
-def populate(index: Any, sources: Sequence[Source], out: Path, on_disk: bool, gpu: bool) -> tuple[Any, str | None]:
+def populate(index: Any, sources: Sequence[Source], out: Path, on_disk: bool,
+             place: Placement) -> tuple[Any, str | None]:
     """Fill a trained index by streaming; --on-disk keeps the trained empty index and builds an .ivfdata."""
     if not on_disk:
-        return fill_index(index, sources, gpu), None
+        return fill_index(index, sources, place), None
     write_index_atomic(index, RunDir(out.parent).trained_index)
-    return build_on_disk(index, sources, out, gpu)
+    return build_on_disk(index, sources, out, place)
 
 
 def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_size: int | None = None,
@@ -201,19 +194,24 @@ def build(run_dir: str | Path, spec: str = "Flat", metric: str = "ip", train_siz
     index = make_index(spec, src.dim, metric)
     if on_disk and faiss.try_extract_index_ivf(index) is None:
         raise UsageError(f"--on-disk needs an IVF spec (e.g. IVF1024,Flat or IVF1024,PQ32), not {spec!r}")
-    on_gpu = use_gpu(gpu, faiss.get_num_gpus())
+    place = Placement.for_index(index, gpu)
     size = 0 if index.is_trained else choose_train_size(index, spec, train_size, ntotal)
     if size:
-        index = train_index(index, [src], size, seed, on_gpu)
+        index = train_index(index, [src], size, seed, place)
     out = RunDir(run).index
     out.mkdir(parents=True, exist_ok=True)
     _warn_dropped_sources(out)
-    index, ivfdata = populate(index, [src], out, on_disk, on_gpu)
+    index, ivfdata = populate(index, [src], out, on_disk, place)
     meta = {"spec": spec, "spec_reason": reason, "metric": metric, "ntotal": int(index.ntotal), "dim": src.dim,
-            "train_size": size, "on_disk": on_disk, "gpu": on_gpu, "seed": seed,
+            "train_size": size, "on_disk": on_disk, "gpu": place.plan.uses_gpu, "seed": seed,
             "build_seconds": round(time.perf_counter() - started, 3), "sources": [src.to_meta(run)],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    meta.update(tune(index, [src], metric, target_recall, seed))
+    with place.timed("tune"):
+        meta.update(tune(index, [src], metric, target_recall, seed, knn=place.knn()))
+    meta["steps"] = place.meta()
+    layout = layout_of(spec, src.dim)
+    if layout is not None:
+        meta["estimated_bytes"] = layout.bytes(ntotal)
     return save(run, index, meta, ivfdata)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -31,13 +31,18 @@ def tunable(index: Any) -> tuple[str | None, list[int]]:
     return None, []
 
 
-def exact_knn(queries: np.ndarray, sources: Sequence[Source], k: int, metric: str) -> np.ndarray:
-    """Exact top-k ids of queries over every stored vector, streaming shard batches (never all vectors)."""
+Knn = Callable[[np.ndarray, np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]
+
+
+def exact_knn(queries: np.ndarray, sources: Sequence[Source], k: int, metric: str,
+              knn: Knn | None = None) -> np.ndarray:
+    """Exact top-k ids of queries over every stored vector, streaming shard batches (never all vectors);
+    knn(xq, xb, k, faiss metric): faiss.knn by default, faiss.knn_gpu on a GPU plan (featshard.index.gpufaiss)."""
     import faiss
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=metric == "ip")
     for ids, vecs in iter_vectors(sources, batch_rows_for(queries.shape[1])):
-        dist, pos = faiss.knn(queries, vecs, min(k, len(vecs)), metric=faiss_metric(metric))
+        dist, pos = (knn or faiss.knn)(queries, vecs, min(k, len(vecs)), faiss_metric(metric))
         heap.add_result(dist, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1))
     heap.finalize()
     return heap.I
@@ -50,7 +55,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune(index: Any, sources: Sequence[Source], metric: str, target: float, seed: int,
-         queries: int = 1000, k: int = 10) -> dict[str, Any]:
+         queries: int = 1000, k: int = 10, knn: Knn | None = None) -> dict[str, Any]:
     """Measure recall@k on stored vectors used as queries; raise nprobe/efSearch until it reaches the target
     (or stops improving: a PQ index's codes cap its recall whatever nprobe is)."""
     started = time.perf_counter()
@@ -59,7 +64,7 @@ def tune(index: Any, sources: Sequence[Source], metric: str, target: float, seed
                 "recall_queries": 0, "tune_seconds": 0.0}
     positions = sample_positions(sum(sum(s.counts) for s in sources), queries, seed + 1)
     _, q = gather(sources, positions, batch_rows_for(index.d))
-    truth = exact_knn(q, sources, k, metric)
+    truth = exact_knn(q, sources, k, metric, knn)
     name, candidates = tunable(index)
     best, stale = (-1.0, None), 0
     for value in candidates or [None]:

@@ -1,22 +1,18 @@
-"""Which faiss index `merge` builds, and how it is made: the `--index-spec auto` rule (`auto_spec`, documented in
-`featshard merge --help`, i.e. the featshard.index.merge docstring), nlist and memory sizes, `make_index` (index_factory
-plus an id map) and the training-sample size a spec needs (`train_bounds`, `choose_train_size`)."""
+"""How the faiss index `merge` builds is made: `--max-index-memory` sizes (`parse_size`), `make_index` (index_factory
+plus an id map) and the training-sample size a spec needs (`train_bounds`, `choose_train_size`). Which spec
+`--index-spec auto` picks: featshard.index.autospec."""
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any
 
 from featshard.errors import FeatshardError, UsageError
+from featshard.index.autospec import MIN_POINTS_PER_CENTROID, nlist_for
 from featshard.index.faissutil import faiss_metric, unwrap
 
 log = logging.getLogger("featshard.index.spec")
 
-FLAT_AUTO_MAX = 100_000
-HNSW_QUANTIZER_MIN_NLIST = 16_384
-PQ_CHOICES = (64, 48, 32, 16, 8)
-MIN_POINTS_PER_CENTROID = 39
 DEFAULT_TRAIN_MIN = 10_000
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -30,51 +26,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** power)
 
 
-def nlist_for(n: int) -> int:
-    """Power of two nearest 4·sqrt(n), at most n/39 (and 262144), at least 1."""
-    if n < MIN_POINTS_PER_CENTROID * 2:
-        return 1
-    k = 2 ** round(math.log2(4 * math.sqrt(n)))
-    cap = 2 ** int(math.log2(n // MIN_POINTS_PER_CENTROID))
-    return int(max(1, min(k, cap, 262_144)))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-def auto_spec(n: int, dim: int, max_memory: int, on_disk: bool = False) -> tuple[str, str]:
-    """The documented auto rule (featshard.index.merge docstring): (spec, reason)."""
-    budget, flat = human_bytes(max_memory), n * (4 * dim + 48)
-    if not on_disk and n < FLAT_AUTO_MAX and flat <= max_memory:
-        return "Flat", f"{n} vectors < {FLAT_AUTO_MAX} and Flat needs {human_bytes(flat)} <= {budget}: exact search"
-    k = nlist_for(n)
-    quantizer = f"IVF{k}_HNSW32" if k >= HNSW_QUANTIZER_MIN_NLIST else f"IVF{k}"
-    centroids = k * dim * 4
-    ivf_flat = n * (4 * dim + 8) + centroids
-    why = "--on-disk needs IVF" if on_disk else f"{n} vectors >= {FLAT_AUTO_MAX} or Flat does not fit in {budget}"
-    if ivf_flat <= max_memory:
-        return f"{quantizer},Flat", f"{why}; IVF-Flat needs {human_bytes(ivf_flat)}; nlist {k} ~ 4*sqrt(N)"
-    for m in PQ_CHOICES:
-        need = n * (m + 8) + centroids
-        if m > dim or need > max_memory:
-            continue
-        reason = (f"IVF-Flat needs {human_bytes(ivf_flat)}, does not fit in {budget}; PQ{m} needs "
-                  f"{human_bytes(need)}; nlist {k} ~ 4*sqrt(N)")
-        if dim <= 4 * m and dim % m == 0:
-            return f"{quantizer},PQ{m}", reason
-        d_out = min(4 * m, dim - dim % m)
-        return f"OPQ{m}_{d_out},{quantizer},PQ{m}", reason + f"; OPQ rotation to {d_out} dims for {m} sub-quantizers"
-    raise UsageError(f"{n} vectors of dim {dim} do not fit in --max-index-memory {budget} even as PQ8 "
-                     f"({human_bytes(n * 16)}): raise --max-index-memory")
-
-
 def make_index(spec: str, dim: int, metric: str) -> Any:
-    """faiss.index_factory(spec), wrapped in IndexIDMap2 unless it takes ids itself (IVF, or an IDMap spec)."""
+    """faiss.index_factory(spec), wrapped in IndexIDMap2 unless it takes ids itself (IVF, or an IDMap spec; an IVF
+    under a refine step does not)."""
     import faiss
 
     if not spec or not spec.strip():
@@ -90,7 +44,8 @@ def make_index(spec: str, dim: int, metric: str) -> Any:
     inner = faiss.downcast_index(ivf) if ivf is not None else unwrap(top)
     if getattr(inner, "do_polysemous_training", False):
         inner.do_polysemous_training = False  # factory "PQm" turns it on: minutes of annealing, unused by search
-    if ivf is None and not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+    takes_ids = ivf is not None and not isinstance(top, faiss.IndexRefine)  # IndexRefine has no add_with_ids
+    if not takes_ids and not isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         index = faiss.IndexIDMap2(index)  # the factory's object, which owns the C++ index (`top` is a view)
     return index
 

@@ -198,7 +198,7 @@ def run_index_bench(out_dir: str | os.PathLike[str], n: int = 200_000, dim: int 
     threads: faiss OpenMP threads in both (default faiss's own); 1 gives steadier timings on a shared box.
     The synthetic run (shards + index) is deleted afterwards unless keep_run.
     """
-    from featshard.index.spec import nlist_for
+    from featshard.index.autospec import nlist_for
     from featshard.store.shards import remove_tree
 
     out = Path(out_dir)
