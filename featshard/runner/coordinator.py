@@ -102,7 +102,7 @@ def make_specs(p: Prepared, mine: list[Shard], devices: list[Device], config: Ru
     loaders = config.loader_workers if config.loader_workers is not None else default_loader_workers(per_device)
     gpu = devices[0].kind == "cuda"
     threads = max(1, cores() // per_device) if not gpu else 2
-    batch = config.batch_size or (128 if gpu else 32)
+    batch = config.batch_size or (256 if gpu else 32)
     attrs = shard_attrs(p)
     return [ShardSpec(run_dir=p.run_dir, shard=s, source=p.source, model=p.model, prep=p.prep, dtype=p.dtype,
                       batch_size=batch, loader_workers=loaders, chunk_size=p.chunk_size, cpu_threads=threads,
