@@ -204,9 +204,10 @@ class Extractor:
         return x
 
     def forward_device(self, x: Any) -> Any:
-        """Normalised input (N, 3, H, W) on the device -> float32 (N, dim) features on the device. With a fixed
-        shape, run in slices of `model_batch`, each padded to it; on CUDA out-of-memory, `model_batch` is halved and
-        the whole input run again."""
+        """Normalised input (N, 3, H, W) on the device -> float32 (N, dim) features on the device, in slices of at
+        most `model_batch` (padded to it with a fixed shape). On out-of-memory (torch.cuda.OutOfMemoryError: a GPU
+        only) `model_batch` is halved and the whole input run again: no row is lost, none is run twice into the
+        result."""
         import torch
 
         if x.shape[0] == 0:  # every row of the batch failed to decode on the device
@@ -215,23 +216,22 @@ class Extractor:
             try:
                 return self._forward_slices(x)
             except torch.cuda.OutOfMemoryError:
-                if self.device.type != "cuda" or self.model_batch <= 1:
+                if self.model_batch <= 1:
                     raise
                 self.model_batch //= 2
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory in the model at batch %d: running batches of %d from now on "
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of memory in the model at batch %d: running batches of %d from now on "
                             "(recorded as batch_size_used)", self.model_batch * 2, self.model_batch)
 
     def _forward_slices(self, x: Any) -> Any:
         import torch
 
-        n = x.shape[0]
-        if not self.fixed_shape:
-            return self._forward(x, n)
-        step = self.model_batch
+        n, step = x.shape[0], self.model_batch
         if n <= step:
-            return self._forward(x, step)
-        return torch.cat([self._forward(x[i: i + step], step) for i in range(0, n, step)])
+            return self._forward(x, step if self.fixed_shape else n)
+        return torch.cat([self._forward(x[i: i + step], step if self.fixed_shape else min(step, n - i))
+                          for i in range(0, n, step)])
 
     def _forward(self, x: Any, size: int) -> Any:
         import torch

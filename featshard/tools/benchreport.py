@@ -9,6 +9,8 @@ from featshard.store.atomic import write_atomic
 
 def label(key: str, row: dict[str, Any]) -> str:
     """Human name of a measured row."""
+    if key == "decode_device":
+        return f"decode on the device (nvJPEG; {row.get('processes', '?')} loader procs, batch {row.get('batch')})"
     if key.startswith("decode_"):
         return f"decode {key[7:]} ({row.get('processes', '?')} procs)"
     if key.startswith("model_"):
@@ -41,7 +43,8 @@ def model_table(name: str, m: dict[str, Any]) -> list[str]:
     for run_key, r in m["ratios"].items():
         t = r["targets"]
         out.append(_line(f"stage bound for {run_key}", r["stage_bound"]))
-        out.append(f"  {run_key}: steady/bound {r['steady_vs_bound']:.2f} (target >= {t['bound']}), whole/bound "
+        busy = f", model busy {100 * r['model_busy']:.0f}% of the steady state" if r.get("model_busy") else ""
+        out.append(f"  {run_key}: steady/bound {r['steady_vs_bound']:.2f} (target >= {t['bound']}){busy}, whole/bound "
                    f"{r['whole_vs_bound']:.2f}; vs seed loop {r['vs_seed_loop']:.2f}x whole, "
                    f"{r['steady_vs_seed_loop']:.2f}x steady" + (f" (target >= {t['seed']}x)" if t["seed"] else "")
                    + f"; vs plain DataLoader {r['vs_plain_loader']:.2f}x whole, {r['steady_vs_plain_loader']:.2f}x "
