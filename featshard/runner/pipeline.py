@@ -6,8 +6,9 @@ features (`Pending.result`): the device works on batch k while the host fetches,
 finished chunk goes to a `ChunkWriter`, a background thread with a bounded queue that writes it atomically
 (temp file, fsync, rename: a chunk file exists only when complete) while the loop goes on; a write error fails the
 shard from the loop with the writer's own WriteError, and a chunk still queued when the shard stops is written first
-(it is complete). Progress counts only rows whose chunk file is on disk, so a kill at any instant loses at most the
-chunks in flight, never more than the progress said. On a CPU the extractor computes at once and the same loop runs.
+(it is complete). At most one finished chunk is being written while the next fills, so a kill at any instant loses
+at most that chunk and the one being filled (the progress file counts rows as they are taken, as before, and is
+rewritten when a chunk file is on disk). On a CPU the extractor computes at once and the same loop runs.
 
 Stage seconds (`stages`): `wait_first`/`wait_data` the loop waited for the loader, `write` it waited for the writer
 (queue full, or the last chunks at the end), `write_busy` the writer thread's own time, `loop` the wall time after
@@ -29,7 +30,7 @@ import numpy as np
 from featshard.store import shards
 
 log = logging.getLogger("featshard.runner.pipeline")
-WRITER_DEPTH = 2  # finished chunks waiting for the writer: bounds memory and the work a kill can lose
+WRITER_DEPTH = 1  # finished chunks handed to the writer and not yet on disk: bounds memory and what a kill loses
 
 
 class ChunkBuffer:
@@ -66,18 +67,19 @@ class ChunkBuffer:
 
 
 class ChunkWriter:
-    """Writes finished chunks in order on a background thread; at most `depth` wait in its queue (`put` blocks
-    when it is full). The first failure stops the writing: the chunks after it are dropped (never written out of
-    order) and `put`/`close` raise that failure in the caller's thread."""
+    """Writes finished chunks in order on a background thread. At most `depth` chunks are handed over and not yet on
+    disk: `put` waits for a free slot (default 1: the loop fills chunk k+1 while chunk k is written). The first
+    failure stops the writing: the chunks after it are dropped (never written out of order) and `put`/`close` raise
+    that failure in the caller's thread."""
 
     _END = object()
 
     def __init__(self, write: Callable[[ChunkBuffer], None], depth: int = WRITER_DEPTH, name: str = "") -> None:
-        self._write, self._queue = write, queue.Queue(maxsize=depth)
+        self._write, self._queue, self._slots = write, queue.SimpleQueue(), threading.Semaphore(depth)
         self._done: deque[tuple[int, int]] = deque()
         self.error: BaseException | None = None
         self.busy = 0.0  # seconds the thread spent writing
-        self.blocked = 0.0  # seconds callers waited for room in the queue or for the last write
+        self.blocked = 0.0  # seconds callers waited for a free slot or for the last write
         self._thread = threading.Thread(target=self._run, name=f"featshard-writer {name}".strip(), daemon=True)
         self._thread.start()
 
@@ -86,37 +88,32 @@ class ChunkWriter:
             buf = self._queue.get()
             if buf is self._END:
                 return
-            if self.error is not None:
-                continue  # after a failure: drain, so that no caller waits for room
-            t = time.monotonic()
             try:
-                self._write(buf)
+                if self.error is None:
+                    t = time.monotonic()
+                    self._write(buf)
+                    self.busy += time.monotonic() - t
+                    self._done.append(buf.counts)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self.error = exc
-                continue
-            self.busy += time.monotonic() - t
-            self._done.append(buf.counts)
+            finally:
+                self._slots.release()
 
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def _enqueue(self, item: Any) -> None:
+    def put(self, buf: ChunkBuffer) -> None:
         t = time.monotonic()
         try:
-            while True:
+            while not self._slots.acquire(timeout=0.2):
                 self._check()
-                try:
-                    self._queue.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    if not self._thread.is_alive():
-                        raise RuntimeError("the chunk writer thread died") from None
+                if not self._thread.is_alive():
+                    raise RuntimeError("the chunk writer thread died")
+            self._check()
+            self._queue.put(buf)
         finally:
             self.blocked += time.monotonic() - t
-
-    def put(self, buf: ChunkBuffer) -> None:
-        self._enqueue(buf)
 
     def durable(self) -> Iterator[tuple[int, int]]:
         """(ok, failed) rows of each chunk written since the last call."""
@@ -124,23 +121,20 @@ class ChunkWriter:
             yield self._done.popleft()
 
     def close(self) -> None:
-        """Write what is queued, stop the thread; raise the first write failure."""
+        """Write what was handed over, stop the thread; raise the first write failure."""
         t = time.monotonic()
         if self._thread.is_alive():
-            self._enqueue(self._END)
+            self._queue.put(self._END)
             self._thread.join()
         self.blocked += time.monotonic() - t
         self._check()
 
     def abandon(self, timeout: float = 60.0) -> None:
-        """The shard failed or was stopped: write what is queued (complete chunks) within `timeout`, keep quiet
-        about a write failure (the shard's own error is the one to report)."""
+        """The shard failed or was stopped: write what was handed over (complete chunks) within `timeout`, keep
+        quiet about a write failure (the shard's own error is the one to report)."""
         if self._thread.is_alive():
-            try:
-                self._queue.put(self._END, timeout=timeout)
-                self._thread.join(timeout)
-            except queue.Full:
-                pass
+            self._queue.put(self._END)
+            self._thread.join(timeout)
         if self.error is not None:
             log.debug("chunk writer: %s", self.error)
 
@@ -205,24 +199,22 @@ class ShardLoop:
             yield batch
 
     def _take(self, batch: Any, pending: Any) -> None:
-        """A batch's features (waiting for the device if needed) into its chunk; a whole chunk to the writer."""
+        """A batch's features (waiting for the device if needed) into its chunk; a whole chunk to the writer (once
+        it has a free slot), then the batch counted as done."""
         self.buf.add(batch, pending.result())
-        self.processed += batch.size
-        if self.on_batch is not None:
-            self.on_batch(batch.size)
         while self.buf.full:
             self.writer.put(self.buf)
             nxt = next(self.chunks, None)
             if nxt is None:
                 break
             self.buf = ChunkBuffer(*nxt)
+        self.processed += batch.size
+        if self.on_batch is not None:
+            self.on_batch(batch.size)
+        self.progress.add(len(batch.rows), len(batch.failed_rows))
         self._report()
 
     def _report(self) -> None:
-        """Rows whose chunk file is on disk, into the progress file."""
-        wrote = False
-        for ok, failed in self.writer.durable():
-            self.progress.add(ok, failed)
-            wrote = True
-        if wrote:
+        """The progress file rewritten at once when a chunk file got on disk."""
+        if any(True for _ in self.writer.durable()):
             self.progress.set(force=True)
