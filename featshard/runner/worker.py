@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from featshard.store import shards
 from featshard.runner.devices import Device, pin_device
 from featshard.errors import FeatshardError

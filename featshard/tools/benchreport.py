@@ -58,6 +58,9 @@ def fidelity_lines(f: dict[str, Any]) -> list[str]:
     for key in ("graph_jit", "decode_fast", "bf16", "fp16", "compiled", "decode_device"):
         if key in f:
             extra = f" [{f[key].get('precision') or f[key].get('decoder')}]" if len(f[key]) > 3 else ""
+            if "same_outcome" in f[key]:
+                rows = "same" if f[key]["same_outcome"] else "DIFFERENT: " + ", ".join(f[key]["mismatched"][:8])
+                extra += f"; {f[key]['n']} ok + {f[key]['failed']} failed rows, ok/failed {rows} as exact"
             out.append(f"  {key:<14} {f[key]['mean']:.5f} / {f[key]['min']:.5f} (>= {f['floors'][key]}){extra}")
     out.append("  below floor: " + (", ".join(f["below_floor"]) or "none"))
     return out
