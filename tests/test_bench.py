@@ -10,7 +10,7 @@ from helpers import cli, mobilenet_weights
 from PIL import Image
 
 from featshard.tools import benchdata
-from featshard.tools.benchfidelity import FLOORS, below_floor, cosine_stats, fidelity
+from featshard.tools.benchfidelity import FLOORS, below_floor, cosine_stats, decode_agreement, fidelity
 from featshard.extract.decode import load_image
 from featshard.extract.models import cpu_has_bf16, preprocess_for
 
@@ -84,9 +84,28 @@ def test_quick_bench_writes_json_and_chart(tmp_path: Path) -> None:
     run = m["rows"]["run"]
     assert run["images"] == 8 and run["ok"] == 8 and run["median"] > 0 and run["steady_median"] > 0
     assert run["peak_pss_tree_mb"] > 0 and run["peak_rss_coordinator_mb"] > 0
-    assert set(run["stages"]) >= {"load_model", "wait_data", "model", "write"}
+    assert set(run["stages"]) >= {"load_model", "wait_data", "decode", "h2d", "model", "write", "loop"}
+    assert 0 < run["model_busy"] <= 1 and run["steady_median"] <= run["images"] / run["stages"]["model"]
     r = m["ratios"]["run"]
     assert r["stage_bound"] > 0 and r["vs_seed_loop"] > 0 and r["targets"]["seed"] == 3.0
     assert {"decode_fast", "decode_device"} <= set(result["fidelity"])
+    assert result["fidelity"]["decode_device"]["same_outcome"] and result["fidelity"]["decode_device"]["failed"] == 3
     with Image.open(out / "bench.png") as im:
         assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 200
+
+
+@pytest.mark.slow
+def test_device_decode_agrees_with_exact_on_the_bad_input_corpus(tmp_path: Path) -> None:
+    """`--decode gpu` (its code on the CPU) against `--decode exact` on every entry of the bad-input corpus plus the
+    odd JPEGs (progressive, CMYK, Adobe RGB, ICC, 4:4:4, 4:2:2, three broken): the same rows fail (same reason
+    class), and every image that decodes has cosine >= 0.995 with exact (trained weights)."""
+    from corpus import make_corpus
+
+    weights = mobilenet_weights()
+    entries = make_corpus(tmp_path / "corpus")
+    paths = [str(tmp_path / "corpus" / name) for name, _ in entries]
+    paths += [str(p) for p in benchdata.odd_jpegs(tmp_path / "odd")]
+    res = decode_agreement("mobilenet_v2", weights, preprocess_for("mobilenet_v2", "none"), paths, "cpu")
+    assert res["same_outcome"], res["mismatched"]
+    assert res["failed"] == sum(reason is not None for _, reason in entries) + 3
+    assert res["n"] == len(paths) - res["failed"] and res["min"] >= FLOORS["decode_device"], res

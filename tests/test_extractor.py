@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torchvision
 
 from featshard.extract import extractor as extractor_module
 from featshard.errors import UsageError
-from featshard.extract.extractor import Extractor, pool_features, resolve_layer
+from featshard.extract.extractor import Extractor
+from featshard.extract.head import pool_features, resolve_layer
 from featshard.extract.models import ModelSpec, preprocess_for
 
 PREP = preprocess_for("mobilenet_v2", "none")
@@ -129,3 +131,76 @@ def test_tune_process_env_only_fills_what_the_user_left_unset() -> None:
     assert tune_process_env(env) == RUNTIME_ENV and env == RUNTIME_ENV
     mine = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert tune_process_env(mine) == {} and mine == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def loader_batch(n: int, seed: int = 0) -> Any:
+    from featshard.extract.loader import Batch
+
+    return Batch(list(range(n)), [f"r{i}" for i in range(n)], torch.from_numpy(pixels(n, seed)), [], [], [])
+
+
+def test_submit_then_result_is_the_extraction_step_and_books_device_time(mobilenet: Extractor) -> None:
+    want = mobilenet(pixels(3, seed=2))
+    stages: dict[str, float] = {}
+    first = mobilenet.submit(loader_batch(3, seed=2), stages)
+    second = mobilenet.submit(loader_batch(2, seed=3), stages)  # a second batch queued before the first is taken
+    assert first.ready() and not stages  # a CPU computes at once; stages are booked when a result is taken
+    np.testing.assert_allclose(first.result(), want, atol=1e-5)
+    assert set(stages) == {"h2d", "model"} and stages["model"] > 0
+    assert second.result().shape == (2, 1280)
+    empty = loader_batch(0)
+    assert mobilenet.submit(empty, stages).result().shape == (0, 1280)
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """The real network on a device that holds `limit` images: larger inputs raise the error CUDA raises."""
+
+    def __init__(self, net: Any, limit: int) -> None:
+        super().__init__()
+        self.net, self.limit, self.sizes = net, limit, []
+
+    def forward(self, x: Any) -> Any:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated device of 8 images)")
+        return self.net(x)
+
+
+def test_out_of_memory_halves_the_model_batch_and_keeps_every_row(caplog: pytest.LogCaptureFixture) -> None:
+    ext = Extractor(ModelSpec("mobilenet_v2", "none", precision="fp32", graph="eager"), PREP, "cpu", batch_size=32)
+    want = ext(pixels(20, seed=4))
+    ext.net = OutOfMemoryAbove(ext.net, 8)
+    with caplog.at_level(logging.WARNING, logger="featshard.extract.extractor"):
+        got = ext.features(loader_batch(20, seed=4))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert ext.batch_size_used == 8 and ext.net.sizes == [20, 16, 8, 8, 4]
+    assert sum("running batches of" in r.getMessage() for r in caplog.records) == 2
+    ext.net.limit = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing fits: the error goes up, nothing is recorded
+        ext.features(loader_batch(1))
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_halves_the_batch() -> None:
+    """A GPU limited to a small share of its memory: ResNet-50 at batch 1024 does not fit, a halved batch does."""
+    torch.cuda.set_per_process_memory_fraction(0.04)
+    try:
+        ext = Extractor(ModelSpec("resnet50", "none", precision="fp32", graph="eager"), preprocess_for("resnet50",
+                        "none"), "cuda:0", batch_size=1024)
+        assert ext.batch_size_used < 1024
+        feats = ext.features(loader_batch(300))
+        assert feats.shape == (300, 2048) and np.isfinite(feats).all()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_batches_are_padded_to_one_shape_and_copied_back_asynchronously() -> None:
+    ext = Extractor(ModelSpec("mobilenet_v2", "none", precision="bf16"), PREP, "cuda:0", batch_size=16)
+    assert torch.backends.cudnn.benchmark and ext.fixed_shape
+    stages: dict[str, float] = {}
+    pending = ext.submit(loader_batch(5), stages)
+    feats = pending.result()
+    assert feats.shape == (5, 1280) and stages["model"] > 0 and "h2d" in stages
+    np.testing.assert_allclose(feats, ext(pixels(5)), atol=2e-2)

@@ -21,3 +21,14 @@ def test_model_bound_advice_depends_on_the_precision() -> None:
 def test_write_bound_and_nothing_done() -> None:
     assert verdict_of({"write": 5.0, "model": 1.0}).startswith("write-bound")
     assert verdict_of({}).startswith("nothing processed")
+
+
+def test_overlapped_stages_are_shares_of_the_loop_and_device_decode_can_bind() -> None:
+    """On a GPU the stages overlap: shares are of the loop's wall time; a device decode slower than the model is the
+    device's bound (booked as decode, not h2d)."""
+    gpu = {"wait_data": 0.2, "model": 9.5, "h2d": 0.3, "decode": 4.0, "write": 0.1, "loop": 10.0}
+    assert verdict_of(gpu, "bf16", "gpu").startswith("model-bound: 98%")
+    slow_decode = {**gpu, "decode": 9.9, "model": 5.0}
+    assert verdict_of(slow_decode, "bf16", "gpu").startswith("device-decode-bound: 99%")
+    starved = {**gpu, "wait_data": 4.0}
+    assert verdict_of(starved, "bf16", "fast").startswith("decode-bound: 40%")

@@ -2,14 +2,22 @@
 
 Input is a uint8 NHWC batch (what the loaders hand over); normalisation by the weights' mean/std happens here, on the
 device, so only bytes cross from the loader processes. With `--decode gpu` on a CUDA device, `batch_to_device` decodes
-the batch's JPEG bytes there
-(featshard.extract.gpudecode); on a CPU device that mode falls back to the loaders' fast decode.
+the batch's JPEG bytes there (featshard.extract.gpudecode); on a CPU device that mode falls back to the loaders' fast
+decode.
+
+One step, two halves: `submit(batch)` queues a batch (input preparation on a side lane, the model on the main one,
+features copied back into pinned host memory, all asynchronous on a GPU) and returns a `Pending`; `Pending.result()`
+waits for the features and books the stages' device time (CUDA events: no synchronize per batch). `features(batch)`
+is both at once. The worker submits batch k+1 before it takes batch k's result, so on a GPU the decode and copy of
+one batch overlap the model on the previous one; on a CPU the same code runs synchronously (featshard.extract.
+devicesync). On a GPU: `cudnn.benchmark`, every batch padded to the fixed model batch (one shape, tuned once; the
+default batch is 256), and on CUDA out-of-memory the model batch is halved (the loader batch is split) and recorded
+in `batch_size_used`; no row is lost.
 
 Speed levers, measured on the 2-core CPU boxes (issue 4): channels_last weights and input (the uint8 NHWC batch viewed
 as NCHW is already channels_last) and bf16 autocast on CPUs with native bf16 roughly double and triple the fp32
-rate. The graph (featshard.extract.graph):
-`auto` keeps a TorchScript version where it measurably wins (MobileNetV2 fp32 on
-the AVX2 box: 1.5x); `torch.compile` (`--graph compile`, or FEATSHARD_COMPILE=1) gave about 1.8x more on top
+rate. The graph (featshard.extract.graph): `auto` keeps a TorchScript version where it measurably wins (MobileNetV2
+fp32 on the AVX2 box: 1.5x); `torch.compile` (`--graph compile`, or FEATSHARD_COMPILE=1) gave about 1.8x more on top
 (MobileNetV2 and ResNet-50, bf16, per CPU-second) after a one-time compilation of 30-120 s per process (Inductor caches
 it on disk: ~5 s after the first run): worth it for long runs, not for short ones. The worker tunes its process's
 malloc before building one (featshard.runner.runtime: 1.5-2.2x on the AVX2 box, where page faults dominated the model).
@@ -19,109 +27,47 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
-from dataclasses import replace
 from typing import Any, Iterable
 
 import numpy as np
 
-from featshard.errors import FeatshardError, UsageError
+from featshard.extract.devicesync import Lane, Mark
+from featshard.extract.head import feature_net, pool_features
 from featshard.extract.loader import Batch, decodes_on_device, make_loader
-from featshard.extract.models import ModelSpec, build_model, last_linear
+from featshard.extract.models import ModelSpec, build_model
 from featshard.extract.preprocess import Preprocess
-from featshard.extract.timmmodels import is_timm, timm_feature_net
+from featshard.extract.timmmodels import is_timm
 from featshard.store.inputs import Item
 
 log = logging.getLogger("featshard.extract.extractor")
 _warned_gpu_decode = False
+GPU_BATCH, CPU_BATCH = 256, 32  # default model batches
 
 
-def default_layer(model: Any, eval_nodes: list[str]) -> str:
-    """The node just before the final classifier (e.g. `flatten` for ResNet/MobileNet, the class token for ViT)."""
-    head = last_linear(model)
-    if head not in eval_nodes:
-        raise UsageError(f"cannot find the classifier node {head!r} in the model graph; pass --layer")
-    pos = eval_nodes.index(head)
-    if pos == 0:
-        raise UsageError("the classifier is the first node; pass --layer")
-    return eval_nodes[pos - 1]
+def default_batch(device: str) -> int:
+    return GPU_BATCH if str(device).startswith("cuda") else CPU_BATCH
 
 
-def resolve_layer(model: Any, layer: str | None) -> str:
-    from torchvision.models.feature_extraction import get_graph_node_names
+class Pending:
+    """A submitted batch: its features (pinned host memory on a GPU, being filled) and the marks of its stages.
+    `result()` waits for the features, adds each stage's device seconds to `stages` and returns float32 (N, dim)."""
 
-    try:
-        _, eval_nodes = get_graph_node_names(model)
-    except Exception as exc:  # noqa: BLE001 - FX tracing errors vary
-        raise UsageError(f"cannot trace the model graph to pick a layer: {exc}") from exc
-    if layer is None:
-        return default_layer(model, eval_nodes)
-    if layer not in eval_nodes:
-        tail = ", ".join(eval_nodes[-12:])
-        raise UsageError(f"unknown --layer {layer!r}; the model's last nodes are: {tail} "
-                         "(torchvision.models.feature_extraction.get_graph_node_names lists all)")
-    return layer
+    def __init__(self, host: Any, done: Mark | None = None, spans: dict[str, tuple[Mark, Mark]] | None = None,
+                 stages: dict[str, float] | None = None) -> None:
+        self.host, self.done, self.spans, self.stages = host, done, spans or {}, stages
 
+    def ready(self) -> bool:
+        return self.done is None or self.done.ready()
 
-def feature_net(spec: ModelSpec, model: Any) -> tuple[str, Any]:
-    """(layer, network returning {"feat": tensor}): a torchvision FX feature extractor at the layer, or for timm
-    models their pooled pre-logits (or an FX node with --layer)."""
-    if is_timm(spec.name):
-        return timm_feature_net(model, spec.layer)
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    layer = resolve_layer(model, spec.layer)
-    return layer, create_feature_extractor(model, return_nodes={layer: "feat"}).eval()
-
-
-def pool_features(x: Any, pool: str, gem_p: float = 3.0) -> Any:
-    """Reduce a feature map (N,C,H,W) or token sequence (N,L,C) to (N,D); a (N,D) tensor passes through."""
-    if x.ndim == 2:
-        return x
-    if x.ndim == 4:
-        x = x.flatten(2)  # N, C, HW
-        dim = 2
-    elif x.ndim == 3:
-        dim = 1  # N, L, C: pool over tokens
-    else:
-        x = x.flatten(1)
-        return x
-    if pool == "avg":
-        return x.mean(dim=dim)
-    if pool == "max":
-        return x.amax(dim=dim)
-    if pool == "gem":
-        return x.clamp(min=1e-6).pow(gem_p).mean(dim=dim).pow(1.0 / gem_p)
-    raise UsageError(f"unknown --pool {pool!r}")
-
-
-def probe(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
-    """(layer, dim) of the model the workers will build, checked before any worker starts: a bad name, layer or
-    weights file fails here. Built on the `meta` device (nothing allocated, nothing computed) where the model allows
-    it; on the CPU otherwise (a few models compute their shapes from real tensors while being built)."""
-    import torch
-
-    try:
-        model = build_model(spec, device="meta")
-    except FeatshardError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - model construction that needs real tensors: probe on the CPU
-        log.debug("probing %s on the CPU (meta: %s)", spec.name, exc)
-        return _probe_cpu(spec, prep)
-    try:
-        layer, net = feature_net(spec, model)
-        out = pool_features(net(torch.zeros((1, 3, prep.crop, prep.crop), device="meta"))["feat"], spec.pool)
-    except UsageError:  # an unknown --layer
-        raise
-    except Exception as exc:  # noqa: BLE001 - an operator without a meta kernel
-        log.debug("probing %s on the CPU (meta forward: %s)", spec.name, exc)
-        return _probe_cpu(spec, prep)
-    return layer, int(out.reshape(out.shape[0], -1).shape[1])
-
-
-def _probe_cpu(spec: ModelSpec, prep: Preprocess) -> tuple[str, int]:
-    ext = Extractor(replace(spec, graph="eager"), prep, "cpu", compile=False)
-    return ext.layer, ext.dim
+    def result(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.wait()
+        if self.stages is not None:
+            for key, (start, end) in self.spans.items():
+                self.stages[key] = self.stages.get(key, 0.0) + start.seconds_to(end)
+        self.spans = {}
+        host = self.host
+        return host if isinstance(host, np.ndarray) else host.numpy().copy()  # the pinned block goes back at once
 
 
 class Extractor:
@@ -131,47 +77,60 @@ class Extractor:
                  batch_size: int | None = None, device_decode: bool | None = None) -> None:
         """The network runs as `spec.graph` says (featshard.extract.graph); `compile=True` (or env
         FEATSHARD_COMPILE=1 when `compile` is None) forces torch.compile, compiled here for batches of `batch_size`
-        (default: the run's default, 32 on CPU, 128 on GPU; smaller batches are padded). `device_decode` (default:
-        `--decode gpu` on CUDA) decodes JPEGs with torchvision on `device`: forced on a CPU, the geometry of the GPU
-        path can be checked without a GPU."""
+        (default: the run's default, 32 on CPU, 256 on GPU). `device_decode` (default: `--decode gpu` on CUDA)
+        decodes JPEGs with torchvision on `device`: forced on a CPU, the geometry of the GPU path can be checked
+        without a GPU."""
         import torch
 
         self.spec, self.prep, self.device = spec, prep, torch.device(device)
-        self.pad_to = 0  # compiled: batches are padded to the largest size seen (one static shape, no recompiles)
         self.compiled = False
+        self.batch = self.model_batch = batch_size or default_batch(str(self.device))
+        self.main, self.side = Lane(self.device), Lane(self.device, side=True)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has one shape (padded): tuned once
         self.layer, self.net = feature_net(spec, build_model(spec))
         self.net = self.net.to(self.device, memory_format=torch.channels_last)
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.dim = int(self(np.zeros((1, prep.crop, prep.crop, 3), np.uint8)).shape[1])
+        self.dim = int(self(np.zeros((1, prep.crop, prep.crop, 3), np.uint8)).shape[1])  # on a GPU: a full batch
         self.device_decode = decodes_on_device(prep, str(self.device)) if device_decode is None else device_decode
         if prep.decode == "gpu" and not self.device_decode:
             _warn_gpu_decode_fallback(str(self.device))
         if compile is None:
             compile = os.environ.get("FEATSHARD_COMPILE", "0") == "1"
-        self.graph, self.graph_info = self._set_graph("compile" if compile else spec.graph, batch_size)
+        self.graph, self.graph_info = self._set_graph("compile" if compile else spec.graph)
 
-    def _set_graph(self, graph: str, batch_size: int | None) -> tuple[str, dict[str, float]]:
+    def _set_graph(self, graph: str) -> tuple[str, dict[str, float]]:
         from featshard.extract.graph import check_graph, choose_cpu_graph, to_torchscript
 
         check_graph(graph, self.spec.precision)
-        size = batch_size or (128 if self.device.type == "cuda" else 32)
         if graph == "compile":
             import torch
 
             self.net, self.compiled = torch.compile(self.net, dynamic=False), True
-            self.forward_device(self.to_device(np.zeros((size, self.prep.crop, self.prep.crop, 3), np.uint8)))
+            self.forward_device(self.to_device(np.zeros((self.batch, self.prep.crop, self.prep.crop, 3), np.uint8)))
             return "compile", {}
         auto_eager = self.device.type != "cpu" or self.spec.precision != "fp32" or is_timm(self.spec.name)
         if graph == "eager" or (graph == "auto" and auto_eager):
             return "eager", {}
         rng = np.random.default_rng(0)  # photo-free but not constant input: a constant image hides fusion errors
-        example = self.to_device(rng.integers(0, 256, (min(size, 8), self.prep.crop, self.prep.crop, 3), np.uint8))
+        example = self.to_device(rng.integers(0, 256, (min(self.batch, 8), self.prep.crop, self.prep.crop, 3),
+                                              np.uint8))
         if graph == "jit":
             self.net = to_torchscript(self.net, example)
             return "jit", {}
         self.net, chosen, info = choose_cpu_graph(self.net, example, self._pooled)
         return chosen, info
+
+    @property
+    def fixed_shape(self) -> bool:
+        """Batches padded to `model_batch` (GPU: cudnn.benchmark tunes one shape; compiled: no recompiles)."""
+        return self.compiled or self.device.type == "cuda"
+
+    @property
+    def batch_size_used(self) -> int:
+        """The model batch in use: the configured one, halved on each CUDA out-of-memory."""
+        return self.model_batch
 
     def _pooled(self, out: Any) -> Any:
         return pool_features(out["feat"], self.spec.pool)
@@ -213,42 +172,85 @@ class Extractor:
         return x
 
     def forward_device(self, x: Any) -> Any:
+        """Normalised input (N, 3, H, W) on the device -> float32 (N, dim) features on the device, in slices of at
+        most `model_batch` (padded to it with a fixed shape). On out-of-memory (torch.cuda.OutOfMemoryError: a GPU
+        only) `model_batch` is halved and the whole input run again: no row is lost, none is run twice into the
+        result."""
         import torch
 
         if x.shape[0] == 0:  # every row of the batch failed to decode on the device
             return torch.zeros((0, self.dim), device=self.device)
+        while True:
+            try:
+                return self._forward_slices(x)
+            except torch.cuda.OutOfMemoryError:
+                if self.model_batch <= 1:
+                    raise
+                self.model_batch //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of memory in the model at batch %d: running batches of %d from now on "
+                            "(recorded as batch_size_used)", self.model_batch * 2, self.model_batch)
+
+    def _forward_slices(self, x: Any) -> Any:
+        import torch
+
+        n, step = x.shape[0], self.model_batch
+        if n <= step:
+            return self._forward(x, step if self.fixed_shape else n)
+        return torch.cat([self._forward(x[i: i + step], step if self.fixed_shape else min(step, n - i))
+                          for i in range(0, n, step)])
+
+    def _forward(self, x: Any, size: int) -> Any:
+        import torch
+
         n = x.shape[0]
-        if self.compiled:
-            self.pad_to = max(self.pad_to, n)
-            if n < self.pad_to:
-                x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))]).contiguous(
-                    memory_format=torch.channels_last)
+        if n < size:
+            x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
             feats = self._pooled(self.net(x))[:n].float()
         if self.spec.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
         return feats
 
-    def features(self, batch: Batch, stages: dict[str, float] | None = None) -> np.ndarray:
-        """THE extraction step (worker, --retry-failed, search queries, serve, bench all come through here): the
-        decoded rows of a loader Batch -> float32 (N, dim) on the host. After the call N == len(batch.rows): a device
-        decode moves rows it cannot decode to the batch's failures. `stages` gets 'h2d' (copy and device decode) and
-        'model' seconds added."""
+    def submit(self, batch: Batch, stages: dict[str, float] | None = None) -> Pending:
+        """Queue a loader Batch: its input prepared on the side lane (device decode booked as 'decode', copy and
+        normalisation as 'h2d'), the model on the main lane after it ('model', the copy back included), the
+        features copied into pinned host memory. Returns at once on a GPU (the host waits only inside a device
+        decode); computes everything now on a CPU. After `result()`, N == len(batch.rows): a device decode moves rows
+        it cannot decode to the batch's failures."""
         import torch
 
         if not len(batch.rows):
-            return np.zeros((0, self.dim), np.float32)
-        t = time.monotonic()
-        x = self.batch_to_device(batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t2 = time.monotonic()
+            return Pending(np.zeros((0, self.dim), np.float32))
+        stage = "decode" if getattr(batch, "encoded", None) is not None else "h2d"
         with torch.inference_mode():
-            feats = self.forward_device(x).cpu().numpy()
-        if stages is not None:
-            stages["h2d"] = stages.get("h2d", 0.0) + t2 - t
-            stages["model"] = stages.get("model", 0.0) + time.monotonic() - t2
-        return feats
+            with self.side.active():
+                start = self.side.mark()
+                x = self.batch_to_device(batch)
+                ready = self.side.mark()
+            self.main.wait_for(ready)
+            self.main.adopt(x)
+            begin = self.main.mark()
+            feats = self.forward_device(x)
+            del x
+            host = self._to_host(feats)
+            done = self.main.mark()
+        return Pending(host, done, {stage: (start, ready), "model": (begin, done)}, stages)
+
+    def _to_host(self, feats: Any) -> Any:
+        import torch
+
+        if feats.device.type != "cuda":
+            return feats.numpy()
+        host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+        return host.copy_(feats, non_blocking=True)
+
+    def features(self, batch: Batch, stages: dict[str, float] | None = None) -> np.ndarray:
+        """THE extraction step (worker, --retry-failed, search queries, serve, bench all come through here): the
+        decoded rows of a loader Batch -> float32 (N, dim) on the host; `submit(batch).result()`. After the call
+        N == len(batch.rows). `stages` gets 'decode' or 'h2d' and 'model' seconds added."""
+        return self.submit(batch, stages).result()
 
     def loader(self, batches: Iterable[list[Item]], workers: int) -> Iterable[Batch]:
         """A loader over `batches` (lists of Items) whose Batches `features` takes: decoded the way this extractor

@@ -49,7 +49,7 @@ class RunConfig:
                         "runs)", choices=GRAPHS)
     decode: str = option("fast", "exact: plain PIL; fast: JPEG draft decode + crop folded into resize (default); "
                          "gpu: nvJPEG on the device (CPU devices: as fast)", choices=DECODES)
-    batch_size: int | None = option(None, "images per model batch (default 32 CPU, 128 GPU)")
+    batch_size: int | None = option(None, "images per model batch (default 32 CPU, 256 GPU: halved on out-of-memory)")
     loader_workers: int | None = option(None, "decode processes per device")
     chunk_size: int = option(2048, "rows per durable chunk (resume granularity)")
     max_retries: int = option(2, "retries of a shard whose worker died, stalled or hit a CUDA error")

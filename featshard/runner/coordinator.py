@@ -128,7 +128,7 @@ def make_specs(p: Prepared, mine: list[Shard], devices: list[Device], config: Ru
         log.info("loaders: %s", split)
     gpu = devices[0].kind == "cuda"
     threads = max(1, cores() // per_device) if not gpu else 2
-    batch = config.batch_size or (128 if gpu else 32)
+    batch = config.batch_size or (256 if gpu else 32)
     shm = plan_shm(per_device, loaders, p.prep, batch)  # sized to the free /dev/shm, or refused saying why
     attrs = shard_attrs(p)
     return [ShardSpec(run_dir=p.run_dir, shard=s, source=p.source, model=p.model, prep=p.prep, dtype=p.dtype,

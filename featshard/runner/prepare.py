@@ -212,7 +212,7 @@ def _chunk_size(config: RunConfig, old: dict[str, Any] | None) -> int:
 def _resolved(config: RunConfig, spec: ModelSpec, request: dict[str, Any], scanned: Scanned, plan: list[Shard],
               old: dict[str, Any] | None, num_nodes: int) -> Prepared:
     """A new run, or an existing one asked for with other options: resolve the model (torchvision) and compare."""
-    from featshard.extract.extractor import probe
+    from featshard.extract.probe import probe
     from featshard.extract.models import check_model_name, preprocess_for
 
     check_model_name(spec.name)

@@ -6,10 +6,8 @@ from typing import Any
 
 from featshard.errors import FeatshardError
 from featshard.runner.prepare import Prepared
-from featshard.runner.worker import ShardResult
+from featshard.runner.worker import STAGES, ShardResult
 from featshard.store.plan import Shard
-
-STAGES = ("load_model", "wait_first", "wait_data", "h2d", "model", "write")  # wait_first: loaders starting
 
 
 @dataclass
@@ -34,6 +32,7 @@ class RunSummary:
     shards: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     graphs: list[str] = field(default_factory=list)
+    batch_size_used: int = 0  # the smallest model batch a shard ended with (halved on CUDA out-of-memory)
     plan: list[dict[str, Any]] = field(default_factory=list)
     input_sha256: str = ""
     num_nodes: int = 1
@@ -75,6 +74,7 @@ def summarize(p: Prepared, mine: list[Shard], results: list[ShardResult], errors
         "wall_seconds": round(wall, 3), "images_per_s": round(extracted / wall, 2) if wall > 0 else 0.0,
         "shards": per_shard, "errors": errors, "complete": not errors and len(results) == len(mine),
         "stages": stages, "graphs": sorted({r.graph for r in results if r.graph}),
+        "batch_size_used": min((r.batch_size_used for r in results if r.batch_size_used), default=0),
         "verdict": verdict_of(stages, p.model.precision, p.prep.decode) if results or not errors
         else "no shard completed: see errors",
     })
@@ -86,7 +86,7 @@ def shard_entry(r: ShardResult, resumed: int, retries: list[int]) -> dict[str, A
         "rows": r.rows, "ok": r.ok, "failed": r.failed,
         "resumed_rows": resumed, "processed_rows": r.rows - resumed, "seconds": round(r.seconds, 3),
         "images_per_s": round(r.images_per_s, 2), "stages": {k: round(v, 3) for k, v in r.stages.items()},
-        "graph": r.graph,
+        "graph": r.graph, "batch_size_used": r.batch_size_used,
         "retried_rows": r.retried_rows, "recovered_rows": r.recovered_rows,
         "retries": len(retries), "retry_resumed_rows": retries,
         "last_attempt": {"resumed_rows": r.resumed_rows, "processed_rows": r.processed_rows},
@@ -98,10 +98,15 @@ def total_stages(results: list[ShardResult]) -> dict[str, float]:
 
 
 def verdict_of(stages: dict[str, float], precision: str = "fp32", decode: str = "fast") -> str:
-    """Which stage bound the run (steady state: the loaders' start-up is not counted), and what to change."""
-    busy = stages.get("model", 0.0) + stages.get("h2d", 0.0)
+    """Which stage bound the run (steady state: the loaders' start-up is not counted), and what to change.
+
+    The stages overlap on a GPU (featshard.runner.pipeline): the share of each is taken of the loop's wall time
+    (`loop`) when known, else of their sum (a serial loop). The device decode (`--decode gpu`, booked as `decode`)
+    and the model share the device: the larger of the two is the device's bound."""
+    model = stages.get("model", 0.0) + stages.get("h2d", 0.0)
+    device_decode = stages.get("decode", 0.0)
     wait, write = stages.get("wait_data", 0.0), stages.get("write", 0.0)
-    total = busy + wait + write
+    total = stages.get("loop", 0.0) or model + device_decode + wait + write
     if total <= 0:
         return "nothing processed (everything was already done)"
     if wait > 0.25 * total:
@@ -110,10 +115,13 @@ def verdict_of(stages: dict[str, float], precision: str = "fp32", decode: str = 
                 f"--loader-workers, {hint}or install pillow-simd (make install-simd)")
     if write > 0.25 * total:
         return f"write-bound: {100 * write / total:.0f}% of the time writing; use a faster disk or --dtype float16"
+    if device_decode > model:
+        return (f"device-decode-bound: {100 * min(1.0, device_decode / total):.0f}% of the time decoding JPEGs on "
+                f"the device, more than the model; --decode fast with more --loader-workers may be faster")
     hint = ("--precision auto chose fp32 (no native bf16 here): use a GPU or a CPU with bf16, "
             if precision == "fp32" else "")
-    return (f"model-bound: {100 * busy / total:.0f}% of the time in the model; {hint}--graph compile for long runs, "
-            "a bigger --batch-size, or more devices")
+    return (f"model-bound: {100 * min(1.0, model / total):.0f}% of the time in the model; {hint}--graph compile for "
+            "long runs, a bigger --batch-size, or more devices")
 
 
 def verdict(summary: RunSummary) -> str:

@@ -2,7 +2,8 @@
 
 It knows nothing of who launched it: the device comes from the spec and is pinned before CUDA starts; the model and
 the loaders are built here, never pickled. Finished chunks are durable files; a rerun skips them. A `kill -9` at any
-instant leaves only complete files plus, at worst, a torn `*.tmp-<pid>` file, which the next start removes.
+instant leaves only complete files plus, at worst, a torn `*.tmp-<pid>` file, which the next start removes. The batch
+loop itself (submit one ahead, consume one late, chunks written by a background thread) is featshard.runner.pipeline.
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from featshard.store import shards
 from featshard.runner.devices import Device, device_identity, pin_device
@@ -25,10 +24,13 @@ from featshard.store.progress import Progress
 from featshard.store.rundir import RunDir
 from featshard.extract.loader import PREFETCH, decodes_on_device
 from featshard.extract.stream import BatchStream
+from featshard.runner.pipeline import ChunkBuffer, ShardLoop
 from featshard.runner.resume import clean_stale, durable_chunks
 from featshard.store.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
 
 log = logging.getLogger("featshard.runner.worker")
+# seconds per stage, per shard (summary.json): see featshard.runner.pipeline; wait_first: the loaders starting
+STAGES = ("load_model", "wait_first", "wait_data", "decode", "h2d", "model", "write", "write_busy", "loop")
 
 
 class Stopped(FeatshardError):
@@ -89,38 +91,11 @@ class ShardResult:
     graph: str = ""  # how the network ran (featshard.extract.graph), "" when no model was needed
     device_uuid: str = ""  # the GPU this attempt ran on, as nvidia-smi names it ("" on CPU or without a model)
     device_name: str = ""
+    batch_size_used: int = 0  # the model batch at the end (halved on each CUDA out-of-memory); 0: no model ran
 
     @property
     def images_per_s(self) -> float:
         return self.processed_rows / self.seconds if self.seconds > 0 else 0.0
-
-
-class ChunkBuffer:
-    """Accumulates one chunk's batches; knows when the chunk is whole."""
-
-    def __init__(self, lo: int, hi: int) -> None:
-        self.lo, self.hi = lo, hi
-        self.blocks: list[tuple[Any, np.ndarray]] = []
-        self.count = 0
-
-    def add(self, batch: Any, feats: np.ndarray) -> None:
-        self.blocks.append((batch, feats))
-        self.count += batch.size
-
-    @property
-    def full(self) -> bool:
-        return self.count >= self.hi - self.lo
-
-    def to_block(self, dim: int, dtype: str) -> shards.Block:
-        feats = [f for _, f in self.blocks if len(f)]
-        return shards.Block(
-            rows=np.array([r for b, _ in self.blocks for r in b.rows], np.int64),
-            names=[n for b, _ in self.blocks for n in b.names],
-            features=np.concatenate(feats).astype(dtype) if feats else np.zeros((0, dim), dtype),
-            failed_rows=np.array([r for b, _ in self.blocks for r in b.failed_rows], np.int64),
-            failed_names=[n for b, _ in self.blocks for n in b.failed_names],
-            failed_reasons=[r for b, _ in self.blocks for r in b.failed_reasons],
-        )
 
 
 class LazyExtractor:
@@ -134,6 +109,10 @@ class LazyExtractor:
     @property
     def graph(self) -> str:
         return "" if self._ext is None else str(getattr(self._ext, "graph", ""))
+
+    @property
+    def batch_size_used(self) -> int:
+        return 0 if self._ext is None else int(self._ext.batch_size_used)
 
     def get(self) -> Any:
         if self._ext is None:
@@ -162,7 +141,7 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     if shards.is_complete(final) and not spec.retry_failed:
         return _done_result(spec, final, t0)
     progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows, retries=spec.retries)
-    stages = {"load_model": 0.0, "wait_first": 0.0, "wait_data": 0.0, "h2d": 0.0, "model": 0.0, "write": 0.0}
+    stages = dict.fromkeys(STAGES, 0.0)
     extractor = LazyExtractor(spec, device, stages)
     try:
         retried, recovered = _retry(spec, extractor, progress, stages) if spec.retry_failed else (0, 0)
@@ -184,7 +163,7 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     progress.set(force=True, state="complete", stage="done")
     res = _done_result(spec, final, t0, resumed=resumed, processed=processed, stages=stages)
     res.retried_rows, res.recovered_rows = retried, recovered
-    res.graph = extractor.graph
+    res.graph, res.batch_size_used = extractor.graph, extractor.batch_size_used
     res.device_uuid = extractor.identity.get("device_uuid", "")
     res.device_name = extractor.identity.get("device_name", "")
     log.info("%s done: %d ok, %d failed, %.1f images/s", spec.shard.name, res.ok, res.failed, res.images_per_s)
@@ -228,38 +207,17 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
 
 def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
              stages: dict[str, float], progress: Progress) -> int:
-    chunks = iter(pending)
-    buf = ChunkBuffer(*next(chunks))
-    processed = 0
-    progress.restart_clock()
-    it = iter(loader)
-    while True:
-        t = time.monotonic()
-        batch = next(it, None)
-        waited = time.monotonic() - t
-        stages["wait_first" if not processed else "wait_data"] += waited  # the first: loaders starting, pipeline fill
-        if batch is None:
-            break
-        log.debug("%s: batch of %d after %.3f s", spec.shard.name, batch.size, waited)
-        buf.add(batch, extractor.features(batch, stages))
-        processed += batch.size
-        progress.add(len(batch.rows), len(batch.failed_rows))
-        while buf.full:
-            _write_chunk(spec, buf, extractor.dim, stages)
-            progress.set(force=True)
-            nxt = next(chunks, None)
-            if nxt is None:
-                break
-            buf = ChunkBuffer(*nxt)
-    return processed
+    """The pending chunks through the overlapped loop (featshard.runner.pipeline); returns the rows processed."""
+    loop = ShardLoop(extractor, pending, lambda buf: _write_chunk(spec, buf, extractor.dim), stages, progress,
+                     name=spec.shard.name)
+    return loop.run(loader)
 
 
-def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int, stages: dict[str, float]) -> None:
-    t = time.monotonic()
+def _write_chunk(spec: ShardSpec, buf: ChunkBuffer, dim: int) -> None:
+    """One finished chunk as its file (atomically: it exists only when complete); runs on the writer thread."""
     attrs = provenance(spec, dim=dim, chunk_start=buf.lo, chunk_stop=buf.hi)
     path = RunDir(spec.run_dir).chunk(spec.shard.name, buf.lo, buf.hi)
     guarded_write(path, lambda: shards.write_block(path, buf.to_block(dim, spec.dtype), attrs, dim, spec.dtype))
-    stages["write"] += time.monotonic() - t
 
 
 def _finalize(spec: ShardSpec) -> None:

@@ -1,15 +1,16 @@
 """`featshard bench`: decode, model and end-to-end throughput side by side, on a realistic mixed image set.
 
 Builds (or reuses) OUT/data (see featshard.tools.benchdata), then for each model measures, median of --repeats: decode
-only
-(all cores, exact and fast), model only (synthetic input: fp32, the precision `auto` picks, and compiled), a real
-`featshard run` (whole process and steady state, peak RSS), the seed-style per-image loop and a plain torch DataLoader
-pipeline; plus the fidelity of every fast path. Prints a table, writes OUT/bench.json and OUT/bench.png. Speed
-numbers use random weights (--weights none, fixed seed); fidelity uses trained MobileNetV2 weights when installed.
+only (all cores, exact and fast; on a GPU also the device decode, `--decode gpu`), model only (synthetic input
+through the worker's submit/result loop: fp32, the precision `auto` picks, and compiled), a real `featshard run`
+(whole process and steady state, peak RSS, model busy share; on a GPU also with `--decode gpu`), the seed-style
+per-image loop and a plain torch DataLoader pipeline (on the bench's device); plus the fidelity of every fast path.
+Prints a table, writes OUT/bench.json and OUT/bench.png. Speed numbers use random weights (--weights none, fixed
+seed); fidelity uses trained MobileNetV2 weights when installed.
 
 Targets (issue 4, 2-core CPU box): run >= 0.9 x the stage bound 1/(1/decode + 1/model) (both stages share the cores;
-on a GPU: min(decode, model)); >= 3x the seed loop on MobileNetV2, >= 2.5x on resnet50; >= 2x the plain DataLoader
-on resnet50.
+on a GPU: min(decode, model), issue 10); >= 3x the seed loop on MobileNetV2, >= 2.5x on resnet50; >= 2x the plain
+DataLoader on resnet50. On a GPU the model should be busy >= 90% of the steady state when data is ready.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def settings(config: BenchConfig) -> dict[str, Any]:
     devices = parse_gpus(config.gpus)
     return {"images": config.images, "repeats": config.repeats, "models": config.model_list,
             "seconds": config.seconds, "device": "cuda" if devices[0].kind == "cuda" else "cpu",
-            "gpus": config.gpus or "", "compile": config.compile and devices[0].kind == "cpu",
+            "gpus": config.gpus or "", "compile": config.compile,
             "fidelity_images": config.fidelity_images}
 
 
@@ -89,15 +90,18 @@ def _cpu_name() -> str:
 
 
 def bench_model(name: str, cfg: dict[str, Any], lst: Path, paths: list[str], out: Path) -> dict[str, Any]:
+    from featshard.extract.extractor import default_batch
     from featshard.extract.models import preprocess_for, resolve_precision
 
     prep = preprocess_for(name, "none")
     precision, dev = resolve_precision("auto", cfg["device"]), cfg["device"]
     n, r, procs = len(paths), cfg["repeats"], cores()
-    batch = 128 if dev == "cuda" else 32
+    batch = default_batch(dev)
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
         f"decode_{mode}": (lambda m=mode: bs.decode_rate(paths, prep, m, procs)) for mode in ("exact", "fast")}
     device = "cuda:0" if dev == "cuda" else "cpu"
+    if dev == "cuda":
+        jobs["decode_device"] = lambda: bs.isolated(bs.device_decode_rate, paths, prep, device, procs, batch)
     for prec, comp in dict.fromkeys([("fp32", False), (precision, False)] + [(precision, True)] * cfg["compile"]):
         jobs[f"model_{prec}" + ("_compiled" if comp else "")] = (
             lambda p=prec, c=comp: bs.isolated(bs.model_rate, name, p, prep, batch, device, c, cfg["seconds"]))
@@ -106,12 +110,11 @@ def bench_model(name: str, cfg: dict[str, Any], lst: Path, paths: list[str], out
     if cfg["compile"]:
         jobs["run_compiled"] = lambda: bs.run_rate(lst, out / name / "run-compiled", [*argv, "--graph", "compile"])
     if dev == "cuda":
-        jobs["decode_device"] = lambda: bs.device_decode_rate(paths, prep, device, procs)
         jobs["run_gpu_decode"] = lambda: bs.run_rate(lst, out / name / "run-gpu-decode", [*argv, "--decode", "gpu"])
-    jobs["seed_loop"] = lambda: bs.isolated(bs.seed_loop, name, paths, prep)
-    jobs["plain_loader"] = lambda: bs.isolated(bs.plain_loader, name, paths, prep, None)
+    jobs["seed_loop"] = lambda: bs.isolated(bs.seed_loop, name, paths, prep, device)
+    jobs["plain_loader"] = lambda: bs.isolated(bs.plain_loader, name, paths, prep, None, device)
     if r > 1:
-        jobs["plain_loader_workers"] = lambda: bs.isolated(bs.plain_loader, name, paths, prep, procs)
+        jobs["plain_loader_workers"] = lambda: bs.isolated(bs.plain_loader, name, paths, prep, procs, device)
     rows = interleaved(r, jobs)
     return {"precision": precision, "batch": batch, "images": n, "rows": rows,
             "ratios": ratios(name, rows, precision, dev)}
@@ -133,6 +136,7 @@ def ratios(name: str, rows: dict[str, Any], precision: str, device: str) -> dict
         whole = rows[run_key]["median"]
         out[run_key] = {
             "stage_bound": round(bound, 2), "steady_vs_bound": round(steady / bound, 3),
+            "model_busy": rows[run_key].get("model_busy"),
             "whole_vs_bound": round(whole / bound, 3), "vs_seed_loop": round(whole / rows["seed_loop"]["median"], 2),
             "vs_plain_loader": round(whole / rows["plain_loader"]["median"], 2),
             "steady_vs_seed_loop": round(steady / rows["seed_loop"]["median"], 2),
@@ -158,7 +162,7 @@ def index_bench(out: Path, n: int) -> dict[str, Any]:
 def bench(config: BenchConfig) -> dict[str, Any]:
     """`featshard bench` as a function: measure, write OUT/bench.json and OUT/bench.png, return bench.json's dict
     (`featshard.tools.benchreport.table(result)` renders it)."""
-    from featshard.tools.benchdata import build_set
+    from featshard.tools.benchdata import build_set, odd_jpegs
     from featshard.tools.benchfidelity import below_floor, fidelity
     from featshard.tools.benchreport import plot
 
@@ -168,6 +172,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     cfg["tuned_env"] = tune_process_env()
     out = Path(config.out).resolve()
     lst = build_set(out / "data", cfg["images"])
+    odd = [str(p) for p in odd_jpegs(out / "data" / "odd")] if cfg["fidelity_images"] > 0 else []
     paths = [str(out / "data" / line.strip()) for line in lst.read_text(encoding="utf-8").splitlines()]
     result: dict[str, Any] = {"machine": machine(), "settings": cfg, "models": {}}
     for name in cfg["models"]:
@@ -177,7 +182,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         log.info("fidelity (%s)", first)
         result["fidelity"] = fidelity(first, _prep(first), paths[: cfg["fidelity_images"]],
                                       "cuda:0" if cfg["device"] == "cuda" else "cpu",
-                                      result["models"][first]["precision"], cfg["compile"])
+                                      result["models"][first]["precision"], cfg["compile"], odd)
         result["fidelity"]["below_floor"] = below_floor(result["fidelity"])
     if config.index > 0:
         result["index"] = index_bench(out, config.index)

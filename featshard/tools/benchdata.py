@@ -143,3 +143,40 @@ def build_set(out: Path, n: int, seed: int = 0) -> Path:
     write_json_atomic(meta, {"recipe": recipe, "stats": stats})
     log.info("bench set: %d images, %.1f MB in %s", n, sum(sizes) / 1e6, out)
     return lst
+
+
+def odd_jpegs(out: Path, seed: int = 0) -> list[Path]:
+    """JPEGs that `--decode gpu` must route or decode like the CPU (the fidelity check adds them to the bench set):
+    progressive, CMYK, RGB-coded with an Adobe marker ("Adobe RGB"), ICC-tagged, greyscale, EXIF-rotated, 4:4:4
+    and 4:2:2 chroma, plus three that fail on every path (a damaged Huffman table, a scan using undefined tables,
+    a truncated file): identical ok/failed rows are part of the check. Written once into `out`."""
+    from PIL import ImageCms
+
+    out.mkdir(parents=True, exist_ok=True)
+    photos = base_photos()
+    img = make_image(seed + 7, 640, 480, photos)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    variants: dict[str, tuple[Image.Image, dict[str, Any]]] = {
+        "progressive.jpg": (img, {"progressive": True}), "cmyk.jpg": (img.convert("CMYK"), {}),
+        "adobe_rgb.jpg": (img, {"keep_rgb": True}), "icc_tagged.jpg": (img, {"icc_profile": icc}),
+        "grey.jpg": (img.convert("L"), {}), "exif_rotated.jpg": (img, {"exif": exif.tobytes()}),
+        "chroma444.jpg": (img, {"subsampling": 0}), "chroma422.jpg": (img, {"subsampling": 1})}
+    paths = []
+    for name, (im, kw) in variants.items():
+        path = out / name
+        if not path.is_file():
+            write_atomic(path, lambda tmp, im=im, kw=kw: im.save(tmp, "JPEG", quality=90, **kw))
+        paths.append(path)
+    data = bytearray((out / "chroma444.jpg").read_bytes())
+    dht, sos = data.index(b"\xff\xc4"), data.index(b"\xff\xda")
+    bad_table, undefined = bytearray(data), bytearray(data)
+    bad_table[dht + 5: dht + 21] = b"\xff" * 16
+    for k in range(undefined[sos + 4]):
+        undefined[sos + 6 + 2 * k] = 0x33
+    for name, raw in (("bad_huffman.jpg", bad_table), ("undefined_tables.jpg", undefined),
+                      ("truncated.jpg", data[: len(data) // 2])):
+        write_atomic(out / name, bytes(raw))
+        paths.append(out / name)
+    return paths

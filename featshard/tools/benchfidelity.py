@@ -1,10 +1,10 @@
 """Fidelity of each fast path against the exact one (exact decode, fp32, eager): cosine of the feature vectors.
 
 Paths: TorchScript (`--graph jit`, fp32: what `--graph auto` keeps where it is faster), draft decode ("fast"), bf16
-autocast (CPUs with native bf16, and GPUs), fp16 (GPUs), torch.compile with the
-chosen precision, and device decode (`--decode gpu`; on a machine without CUDA the same code runs on the CPU, which
-checks its geometry, not nvjpeg). Meaningful with trained weights only: `real_weights()` finds the MobileNetV2
-ImageNet file installed by `make install`; with random weights the numbers are reported but flagged.
+autocast (CPUs with native bf16, and GPUs), fp16 (GPUs), torch.compile with the chosen precision, and device decode
+(`--decode gpu`, per image and row by row, odd JPEGs added; on a machine without CUDA the same code runs on the CPU,
+which checks its geometry and routing, not nvjpeg). Meaningful with trained weights only: `real_weights()` finds the
+MobileNetV2 ImageNet file installed by `make install`; with random weights the numbers are reported but flagged.
 """
 from __future__ import annotations
 
@@ -53,33 +53,53 @@ def features(model: str, weights: str, prep: Preprocess, pixels: np.ndarray, pre
     from featshard.extract.extractor import Extractor
     from featshard.extract.models import ModelSpec
 
-    ext = Extractor(ModelSpec(model, weights, precision=precision, graph=graph), prep, device, compile=compile)
+    ext = Extractor(ModelSpec(model, weights, precision=precision, graph=graph), prep, device, compile=compile,
+                    batch_size=batch)
     return np.concatenate([ext(pixels[i: i + batch]) for i in range(0, len(pixels), batch)])
 
 
-def device_decode_features(model: str, weights: str, prep: Preprocess, paths: Sequence[str], device: str,
-                           batch: int = 32) -> np.ndarray:
-    """Features through the loader's device-decode hand-over and `Extractor.batch_to_device`, fp32."""
+def outcomes(model: str, weights: str, prep: Preprocess, paths: Sequence[str], device: str, device_decode: bool,
+             batch: int = 32) -> dict[int, np.ndarray | str]:
+    """row -> fp32 feature vector or failure reason, through the loader and `Extractor.features` (the run's step):
+    `prep.decode` as given, or the device-decode hand-over (`device_decode`; on a CPU, torchvision's decoder)."""
     import torch
 
     from featshard.extract.extractor import Extractor
-    from featshard.store.inputs import Item
     from featshard.extract.models import ModelSpec
+    from featshard.store.inputs import Item
 
-    prep = replace(prep, decode="gpu")
-    ext = Extractor(ModelSpec(model, weights, precision="fp32"), prep, device, device_decode=True)
+    if device_decode:
+        prep = replace(prep, decode="gpu")
+    ext = Extractor(ModelSpec(model, weights, precision="fp32"), prep, device, device_decode=device_decode,
+                    batch_size=batch)
     items = [Item(i, p, p) for i, p in enumerate(paths)]
-    batches = [items[i: i + batch] for i in range(0, len(items), batch)]
-    out = []
+    out: dict[int, np.ndarray | str] = {}
     with torch.inference_mode():
-        for b in ext.loader(batches, 0):
-            out.append(ext.features(b))
-    return np.concatenate(out)
+        for b in ext.loader([items[i: i + batch] for i in range(0, len(items), batch)], 0):
+            out.update(zip(b.rows, ext.features(b)))
+            out.update(zip(b.failed_rows, (r.split(":")[0] for r in b.failed_reasons)))
+    return out
+
+
+def decode_agreement(model: str, weights: str, prep: Preprocess, paths: Sequence[str], device: str) -> dict[str, Any]:
+    """`--decode gpu` against `--decode exact`, row by row: the same rows ok and failed (with the same reason
+    class), and the cosine of each ok row's features (mean and min over images)."""
+    exact = outcomes(model, weights, replace(prep, decode="exact"), paths, device, False)
+    dev = outcomes(model, weights, prep, paths, device, True)
+    ok = [r for r in sorted(exact) if not isinstance(exact[r], str) and not isinstance(dev.get(r), str)]
+    mismatched = [Path(paths[r]).name for r in sorted(exact) if isinstance(exact[r], str) != isinstance(dev[r], str)
+                  or (isinstance(exact[r], str) and exact[r] != dev[r])]
+    stats = cosine_stats(np.stack([exact[r] for r in ok]), np.stack([dev[r] for r in ok])) if ok else \
+        {"mean": 0.0, "min": 0.0, "n": 0}
+    return {**stats, "failed": sum(isinstance(v, str) for v in exact.values()), "same_outcome": not mismatched,
+            "mismatched": mismatched}
 
 
 def fidelity(model: str, prep: Preprocess, paths: Sequence[str], device: str, precision: str,
-             compile: bool) -> dict[str, Any]:
-    """Cosine of each fast path to exact decode + fp32; `precision` is the one `auto` chose on this device."""
+             compile: bool, odd_paths: Sequence[str] = ()) -> dict[str, Any]:
+    """Cosine of each fast path to exact decode + fp32; `precision` is the one `auto` chose on this device. The
+    device decode is checked on `paths` plus `odd_paths` (JPEGs it must route or decode like the CPU, some failing:
+    featshard.tools.benchdata.odd_jpegs), row by row (decode_agreement)."""
     weights = real_weights(model) or "none"
     exact = decoded(paths, replace(prep, decode="exact"))
     ref = features(model, weights, prep, exact, "fp32", device)
@@ -95,11 +115,18 @@ def fidelity(model: str, prep: Preprocess, paths: Sequence[str], device: str, pr
     if compile:
         res["compiled"] = {**cosine_stats(ref, features(model, weights, prep, exact, precision, device, True)),
                            "precision": precision}
-    res["decode_device"] = {**cosine_stats(ref, device_decode_features(model, weights, prep, paths, device)),
+    res["decode_device"] = {**decode_agreement(model, weights, prep, [*paths, *odd_paths], device),
                             "decoder": "nvjpeg" if device.startswith("cuda") else "torchvision cpu (geometry check)"}
     return res
 
 
 def below_floor(res: dict[str, Any]) -> list[str]:
-    """Names of the measured paths whose mean cosine is below its floor."""
-    return [k for k, floor in FLOORS.items() if isinstance(res.get(k), dict) and res[k]["mean"] < floor]
+    """Names of the measured paths whose mean cosine is below its floor; the device decode per image (its min),
+    and with the same ok/failed rows as exact decode."""
+    def low(key: str, floor: float) -> bool:
+        row = res[key]
+        if key == "decode_device":
+            return row["min"] < floor or not row.get("same_outcome", True)
+        return row["mean"] < floor
+
+    return [k for k, floor in FLOORS.items() if isinstance(res.get(k), dict) and low(k, floor)]

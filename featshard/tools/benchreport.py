@@ -9,6 +9,8 @@ from featshard.store.atomic import write_atomic
 
 def label(key: str, row: dict[str, Any]) -> str:
     """Human name of a measured row."""
+    if key == "decode_device":
+        return f"decode on the device (nvJPEG; {row.get('processes', '?')} loader procs, batch {row.get('batch')})"
     if key.startswith("decode_"):
         return f"decode {key[7:]} ({row.get('processes', '?')} procs)"
     if key.startswith("model_"):
@@ -41,7 +43,8 @@ def model_table(name: str, m: dict[str, Any]) -> list[str]:
     for run_key, r in m["ratios"].items():
         t = r["targets"]
         out.append(_line(f"stage bound for {run_key}", r["stage_bound"]))
-        out.append(f"  {run_key}: steady/bound {r['steady_vs_bound']:.2f} (target >= {t['bound']}), whole/bound "
+        busy = f", model busy {100 * r['model_busy']:.0f}% of the steady state" if r.get("model_busy") else ""
+        out.append(f"  {run_key}: steady/bound {r['steady_vs_bound']:.2f} (target >= {t['bound']}){busy}, whole/bound "
                    f"{r['whole_vs_bound']:.2f}; vs seed loop {r['vs_seed_loop']:.2f}x whole, "
                    f"{r['steady_vs_seed_loop']:.2f}x steady" + (f" (target >= {t['seed']}x)" if t["seed"] else "")
                    + f"; vs plain DataLoader {r['vs_plain_loader']:.2f}x whole, {r['steady_vs_plain_loader']:.2f}x "
@@ -55,6 +58,9 @@ def fidelity_lines(f: dict[str, Any]) -> list[str]:
     for key in ("graph_jit", "decode_fast", "bf16", "fp16", "compiled", "decode_device"):
         if key in f:
             extra = f" [{f[key].get('precision') or f[key].get('decoder')}]" if len(f[key]) > 3 else ""
+            if "same_outcome" in f[key]:
+                rows = "same" if f[key]["same_outcome"] else "DIFFERENT: " + ", ".join(f[key]["mismatched"][:8])
+                extra += f"; {f[key]['n']} ok + {f[key]['failed']} failed rows, ok/failed {rows} as exact"
             out.append(f"  {key:<14} {f[key]['mean']:.5f} / {f[key]['min']:.5f} (>= {f['floors'][key]}){extra}")
     out.append("  below floor: " + (", ".join(f["below_floor"]) or "none"))
     return out

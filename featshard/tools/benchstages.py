@@ -1,12 +1,15 @@
 """The measurements behind `featshard bench`: each returns {"images", "wall_s", "cpu_s", "images_per_s", ...}.
 
 - `decode_rate`: featshard's decoder (exact or fast) in a process pool over all cores, nothing else.
-- `model_rate`: the Extractor on synthetic uint8 batches (no decoding), at a precision, optionally compiled.
+- `model_rate`: the Extractor on synthetic uint8 batches (no decoding), at a precision, optionally compiled, through
+  the worker's submit-one-ahead loop (on a GPU: the model's rate when data is always ready).
+- `device_decode_rate`: `--decode gpu`'s decode alone: loader processes hand over JPEG bytes, the device decodes.
 - `run_rate`: a real `featshard run` subprocess: whole-process rate (model load included), steady-state rate from
   summary.json's stage timings, and the peak RSS of its process tree (coordinator, worker, loaders).
 - `seed_loop`: what the user's old script did: PIL open, torchvision transforms, the model on a batch of 1, fp32.
 - `plain_loader`: what a user would write with torch: a Dataset of PIL + torchvision transforms, a DataLoader
   (batch 64, default num_workers unless given), the model in fp32.
+The last two run their model on the bench's device (a GPU's user moves the model there too).
 `cpu_s` counts this process and its reaped children, so a busy shared machine shows as cpu_s / wall_s below the
 cores in use.
 """
@@ -73,23 +76,28 @@ def decode_rate(paths: Sequence[str], prep: Preprocess, mode: str, procs: int) -
     return timed(len(paths), go)
 
 
-def device_decode_rate(paths: Sequence[str], prep: Preprocess, device: str, procs: int) -> dict[str, Any]:
-    """`--decode gpu`'s decode stage alone (CUDA): loaders hand over JPEG bytes, the device decodes and resizes."""
+def device_decode_rate(paths: Sequence[str], prep: Preprocess, device: str, procs: int,
+                       batch: int = 256) -> dict[str, Any]:
+    """`--decode gpu`'s decode stage alone (CUDA): `procs` loaders read the files and check the headers (and
+    decode what the device does not), the device decodes and resizes in batches of `batch`, nothing else."""
     import torch
 
     from featshard.extract.gpudecode import decode_batch
-    from featshard.store.inputs import Item
     from featshard.extract.loader import make_loader
+    from featshard.store.inputs import Item
 
     prep = replace(prep, decode="gpu")
     items = [Item(i, p, p) for i, p in enumerate(paths)]
-    batches = [items[i: i + 128] for i in range(0, len(items), 128)]
+    batches = [items[i: i + batch] for i in range(0, len(items), batch)]
 
     def go() -> dict[str, Any]:
+        on_device = 0
         for b in make_loader(batches, prep, procs, pin=True, device_decode=True):
-            decode_batch(b, prep, torch.device(device))
+            if b.encoded is not None:
+                on_device += sum(e is not None for e in b.encoded)
+                decode_batch(b, prep, torch.device(device))
         torch.cuda.synchronize()
-        return {"processes": procs}
+        return {"processes": procs, "batch": batch, "on_device": on_device}
 
     return timed(len(paths), go)
 
@@ -106,10 +114,12 @@ def isolated(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: str, compile: bool,
                seconds: float, graph: str = "auto") -> dict[str, Any]:
     """Extractor throughput on random uint8 batches, as a featshard worker runs it (tuned malloc, the graph `auto`
-    picks): one warm-up batch (compilation included), then >= `seconds`."""
+    picks, batches submitted one ahead of the result taken: `Extractor.submit` / `Pending.result`, pinned input on
+    a GPU): one warm-up batch (compilation included), then >= `seconds`."""
     import torch
 
     from featshard.extract.extractor import Extractor
+    from featshard.extract.loader import Batch
     from featshard.extract.models import ModelSpec
     from featshard.runner.runtime import tune_malloc
 
@@ -117,21 +127,31 @@ def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: 
     ext = Extractor(ModelSpec(name, "none", precision=precision, graph=graph), prep, device, compile=compile,
                     batch_size=batch)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, prep.crop, prep.crop, 3), np.uint8))
+    if device.startswith("cuda"):
+        x = x.pin_memory()
+
+    def batch_of(pixels: Any) -> Batch:
+        return Batch(list(range(batch)), [""] * batch, pixels, [], [], [])
+
     t = time.perf_counter()
-    ext(x)
+    ext.features(batch_of(x))
     warm = time.perf_counter() - t
+    stages: dict[str, float] = {}
 
     def go() -> dict[str, Any]:
-        n, start = 0, time.perf_counter()
+        n, start, pending = 0, time.perf_counter(), None
         while n < 3 * batch or time.perf_counter() - start < seconds:
-            ext(x)
-            n += batch
+            submitted = ext.submit(batch_of(x), stages)
+            if pending is not None:
+                pending.result()
+            pending, n = submitted, n + batch
+        pending.result()
         return {"images": n}
 
     res = timed(0, go)
     res["images_per_s"] = round(res["images"] / res["wall_s"], 2)
     return {**res, "batch": batch, "threads": torch.get_num_threads(), "warmup_s": round(warm, 2),
-            "graph": ext.graph}
+            "graph": ext.graph, "model_busy": round(stages.get("model", 0.0) / res["wall_s"], 3)}
 
 
 class TreeRss:
@@ -191,16 +211,21 @@ def run_rate(lst: Path, out: Path, argv: Sequence[str], env: dict[str, str | Non
 
 
 def _summary_rates(summary: dict[str, Any], wall: float) -> dict[str, Any]:
+    """Whole-process and steady-state rates: steady is the batch loop's wall time after the first batch (`loop`;
+    the sum of the serial stages for runs that predate it); `model_busy` the model's share of it."""
     stages = summary["stages"]
-    loop = sum(stages.get(k, 0.0) for k in ("wait_data", "h2d", "model", "write"))
+    loop = stages.get("loop") or sum(stages.get(k, 0.0) for k in ("wait_data", "h2d", "model", "write"))
     processed = summary["processed_rows"]
     return {"images": processed, "ok": summary["ok"], "failed": summary["failed"],
             "images_per_s": round(processed / wall, 2), "steady_images_per_s": round(processed / loop, 2),
-            "stages": stages, "verdict": summary.get("verdict", "")}
+            "model_busy": round(stages.get("model", 0.0) / loop, 3) if loop else 0.0,
+            "batch_size_used": summary.get("batch_size_used", 0), "stages": stages,
+            "verdict": summary.get("verdict", "")}
 
 
-def plain_model(name: str) -> Any:
-    """The torchvision model with its classifier replaced by Identity (penultimate features), fp32, eval."""
+def plain_model(name: str, device: str = "cpu") -> Any:
+    """The torchvision model with its classifier replaced by Identity (penultimate features), fp32, eval, on
+    `device`."""
     import torch
     import torchvision
 
@@ -210,7 +235,7 @@ def plain_model(name: str) -> Any:
     model = torchvision.models.get_model(name, weights=None).eval()
     parent, _, leaf = last_linear(model).rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
-    return model
+    return model.to(device)
 
 
 def plain_transform(prep: Preprocess) -> Any:
@@ -220,18 +245,19 @@ def plain_transform(prep: Preprocess) -> Any:
                       T.CenterCrop(prep.crop), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
 
 
-def seed_loop(name: str, paths: Sequence[str], prep: Preprocess) -> dict[str, Any]:
-    """One image at a time: PIL open + convert, transforms, model(x[None]) in fp32 (model built before timing)."""
+def seed_loop(name: str, paths: Sequence[str], prep: Preprocess, device: str = "cpu") -> dict[str, Any]:
+    """One image at a time: PIL open + convert, transforms, model(x[None]) in fp32 on `device`, features back on
+    the host (model built before timing)."""
     import torch
     from PIL import Image
 
-    model, tf = plain_model(name), plain_transform(prep)
+    model, tf = plain_model(name, device), plain_transform(prep)
 
     def go() -> None:
         with torch.inference_mode():
             for path in paths:
                 with Image.open(path) as im:
-                    model(tf(im.convert("RGB"))[None])
+                    model(tf(im.convert("RGB"))[None].to(device)).cpu()
 
     return {**timed(len(paths), go), "threads": torch.get_num_threads()}
 
@@ -250,18 +276,19 @@ class _PlainDataset:
             return self.tf(im.convert("RGB"))
 
 
-def plain_loader(name: str, paths: Sequence[str], prep: Preprocess, workers: int | None) -> dict[str, Any]:
-    """torch DataLoader(batch_size=64, num_workers=<torch default 0 when None>) + the fp32 model."""
+def plain_loader(name: str, paths: Sequence[str], prep: Preprocess, workers: int | None,
+                 device: str = "cpu") -> dict[str, Any]:
+    """torch DataLoader(batch_size=64, num_workers=<torch default 0 when None>) + the fp32 model on `device`."""
     import torch
     from torch.utils.data import DataLoader
 
-    model = plain_model(name)
+    model = plain_model(name, device)
     kwargs = {} if workers is None else {"num_workers": workers}
     loader = DataLoader(_PlainDataset(paths, plain_transform(prep)), batch_size=64, **kwargs)
 
     def go() -> None:
         with torch.inference_mode():
             for x in loader:
-                model(x)
+                model(x.to(device)).cpu()
 
     return {**timed(len(paths), go), "num_workers": loader.num_workers}
