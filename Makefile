@@ -87,9 +87,10 @@ test: install eco-venv  ## run the test suite (pytest -q tests/)
 test-fast: install  ## the unit layer only (pytest -m "not slow"): under 2 minutes on 2 cores
 	$(PY) -m pytest -q -m "not slow" tests/ $(PYTEST_ARGS)
 
-lint: install  ## ruff check featshard tests examples (installs ruff into .venv)
-	test -x $(VENV)/bin/ruff || $(PIP) install -q 'ruff>=0.5'
+lint: install  ## ruff and mypy over featshard (installs both into .venv)
+	test -x $(VENV)/bin/ruff -a -x $(VENV)/bin/mypy || $(PIP) install -q 'ruff>=0.5' 'mypy>=1.10'
 	$(VENV)/bin/ruff check $(RUFF_ARGS) featshard tests examples
+	$(VENV)/bin/mypy
 
 bench: install  ## featshard bench: decode, model and end-to-end throughput side by side
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'

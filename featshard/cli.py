@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def config_class(name: str) -> type:
     module, _, cls = COMMANDS[name][0].partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    found: type = getattr(importlib.import_module(module), cls)
+    return found
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import FAST, REPO, make_images, write_list
 
-from featshard.runner.worker import ShardFault, ShardResult, ShardSpec
+from featshard.runner.shardspec import ShardFault, ShardResult, ShardSpec
 from featshard.store.rundir import RunDir
 
 

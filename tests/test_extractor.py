@@ -134,7 +134,7 @@ def test_tune_process_env_only_fills_what_the_user_left_unset() -> None:
 
 
 def loader_batch(n: int, seed: int = 0) -> Any:
-    from featshard.extract.loader import Batch
+    from featshard.extract.batch import Batch
 
     return Batch(list(range(n)), [f"r{i}" for i in range(n)], torch.from_numpy(pixels(n, seed)), [], [], [])
 

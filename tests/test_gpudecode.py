@@ -19,9 +19,11 @@ from PIL import Image
 
 from featshard.extract import gpudecode
 from featshard.extract.decode import load_image
-from featshard.extract.gpudecode import Encoded, decode_batch, orient, read_encoded
+from featshard.extract.batch import Encoded
+from featshard.extract.gpudecode import decode_batch, orient, read_encoded
 from featshard.extract.jpegheader import device_decodable, huffman_tables_ok
-from featshard.extract.loader import Batch, make_loader
+from featshard.extract.batch import Batch
+from featshard.extract.loader import make_loader
 from featshard.extract.models import preprocess_for
 from featshard.store.inputs import Item
 

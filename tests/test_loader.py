@@ -121,7 +121,7 @@ def test_decode_one_hands_over_what_the_loaders_would(tmp_path: Path) -> None:
     from PIL import Image
 
     from featshard.extract.decode import ImageFailure
-    from featshard.extract.gpudecode import Encoded
+    from featshard.extract.batch import Encoded
     from featshard.extract.loader import decode_one
     from featshard.extract.models import preprocess_for
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featshard.extract.extractor import Extractor
-from featshard.extract.loader import Batch
+from featshard.extract.batch import Batch
 from featshard.extract.models import ModelSpec, preprocess_for
 from featshard.runner.pipeline import ChunkBuffer, ChunkWriter, ShardLoop
 from featshard.store import shards

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import REPO, make_images, write_list
 
-from featshard.extract.loader import Batch
+from featshard.extract.batch import Batch
 from featshard.extract.stream import GAVE_UP, ChunkWatch, LoaderFault, classify, infra_key
 
 

@@ -5,7 +5,7 @@ import pickle
 
 import torch
 
-from featshard.runner.worker import ShardFault, retryable
+from featshard.runner.shardspec import ShardFault, retryable
 
 
 def test_cuda_faults_and_out_of_memory_are_retryable() -> None:

@@ -33,7 +33,8 @@ import numpy as np
 
 from featshard.extract.devicesync import Lane, Mark
 from featshard.extract.head import feature_net, pool_features
-from featshard.extract.loader import Batch, decodes_on_device, make_loader
+from featshard.extract.batch import Batch
+from featshard.extract.loader import decodes_on_device, make_loader
 from featshard.extract.models import ModelSpec, build_model
 from featshard.extract.preprocess import Preprocess
 from featshard.extract.timmmodels import is_timm
@@ -154,7 +155,7 @@ class Extractor:
         """float NCHW pixels in [0, 255] -> the model's input (weights' mean/std)."""
         return (x - self.mean) / self.std
 
-    def batch_to_device(self, batch: Any) -> Any:
+    def batch_to_device(self, batch: Batch) -> Any:
         """A loader Batch's ok rows as the model's input on the device. With device decode (`batch.encoded`), JPEG
         bytes are decoded here and rows that cannot be decoded at all move to the batch's failed lists. The batch's
         pixels (and bytes) are released once on the device: a caller that keeps batches until their chunk is written

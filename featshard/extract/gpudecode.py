@@ -30,12 +30,12 @@ import os
 import stat
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from featshard.extract.jpegheader import device_decodable
+from featshard.extract.batch import Batch, Encoded
 from featshard.extract.decode import ImageFailure, load_image
 from featshard.extract.preprocess import Preprocess
 from featshard.store.webdataset import TarMember, read_member
@@ -47,16 +47,6 @@ _DEVICE_RESAMPLE = ("bilinear", "bicubic")  # what tensor resize does like PIL (
 _ORIENTATION_TAG = 0x0112
 _MAX_ASPECT = 64  # longer/shorter side beyond this: the CPU (its resize never materialises the whole long side)
 _RESIZE_SLICE = 32  # images of one size resized per call: bounds the float copies (a 12 MP image is 144 MB)
-
-
-@dataclass
-class Encoded:
-    """A JPEG's bytes, for decoding on the device; `path` (a file, a tar member, or the bytes themselves for an
-    upload) is kept for the CPU fallback."""
-
-    data: bytes
-    orientation: int
-    path: str | bytes | TarMember
 
 
 def read_encoded(path: str | bytes | TarMember, prep: Preprocess) -> Encoded | None:
@@ -171,7 +161,7 @@ def _cpu_fallback(path: str | bytes | TarMember, prep: Preprocess) -> np.ndarray
         return ImageFailure("error", f"{type(exc).__name__}: {exc}")
 
 
-def decode_batch(batch: Any, prep: Preprocess, device: Any) -> Any:
+def decode_batch(batch: Batch, prep: Preprocess, device: Any) -> Any:
     """Pixels of a loader Batch whose `encoded` list is set, as float (N, 3, crop, crop) in [0, 255] on `device`,
     channels_last.
 
@@ -179,13 +169,16 @@ def decode_batch(batch: Any, prep: Preprocess, device: Any) -> Any:
     decoded by the loader). Rows that cannot be decoded at all are moved to the batch's failed lists, in place."""
     import torch
 
+    if batch.encoded is None:
+        raise ValueError("decode_batch takes a batch the loaders handed over for a device decode (batch.encoded)")
+    encoded = batch.encoded
     device = torch.device(device)
-    out = torch.empty((len(batch.encoded), 3, prep.crop, prep.crop), dtype=torch.float32, device=device,
+    out = torch.empty((len(encoded), 3, prep.crop, prep.crop), dtype=torch.float32, device=device,
                       memory_format=torch.channels_last)
-    host = [i for i, e in enumerate(batch.encoded) if e is None]
+    host = [i for i, e in enumerate(encoded) if e is None]
     if host:
         out[_index(host, device)] = batch.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    mine = [(i, e) for i, e in enumerate(batch.encoded) if e is not None]
+    mine = [(i, e) for i, e in enumerate(encoded) if e is not None]
     decoded = device_decode([torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for _, e in mine], device)
     buckets: dict[tuple[int, ...], list[tuple[int, Any]]] = defaultdict(list)
     fallback: list[tuple[int, np.ndarray]] = []
@@ -218,7 +211,7 @@ def _index(rows: list[int], device: Any) -> Any:
     return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
 
 
-def _move_failed(batch: Any, failed: list[tuple[int, ImageFailure]]) -> None:
+def _move_failed(batch: Batch, failed: list[tuple[int, ImageFailure]]) -> None:
     """Move rows that failed on the device and on the CPU from the batch's ok lists to its failed lists."""
     drop = {i for i, _ in failed}
     moved = [(batch.rows[i], batch.names[i], str(exc)) for i, exc in failed]
@@ -228,4 +221,4 @@ def _move_failed(batch: Any, failed: list[tuple[int, ImageFailure]]) -> None:
     batch.failed_reasons = [why for _, _, why in merged]
     batch.rows = [r for i, r in enumerate(batch.rows) if i not in drop]
     batch.names = [n for i, n in enumerate(batch.names) if i not in drop]
-    batch.encoded = [e for i, e in enumerate(batch.encoded) if i not in drop]
+    batch.encoded = [e for i, e in enumerate(batch.encoded or []) if i not in drop]

@@ -19,7 +19,8 @@ import numpy as np
 
 from featshard.errors import UsageError
 from featshard.extract.decode import ImageFailure, load_image
-from featshard.extract.gpudecode import Encoded, read_encoded
+from featshard.extract.batch import Batch, Encoded
+from featshard.extract.gpudecode import read_encoded
 from featshard.store.inputs import InputSource, Item, iter_items
 from featshard.store.webdataset import TarMember
 from featshard.extract.preprocess import Preprocess
@@ -30,29 +31,6 @@ PREFETCH = 4  # batches each loader process keeps ready (the DataLoader's prefet
 MAX_LOADERS_PER_DEVICE = 32  # more decode processes per device stop paying off and cost memory and start-up
 SHM_PATH = "/dev/shm"
 SHM_HEADROOM = 0.8  # of the free /dev/shm a run plans to use: torch, NCCL or another job may need some too
-
-
-@dataclass
-class Batch:
-    rows: list[int]
-    names: list[str]
-    pixels: Any  # torch.uint8 tensor N x H x W x 3 (N may be 0)
-    failed_rows: list[int]
-    failed_names: list[str]
-    failed_reasons: list[str]
-    # --decode gpu only: per ok row, its JPEG bytes (decoded on the device) or None (its pixels are the next in
-    # `pixels`); None when the loader decoded every image
-    encoded: list[Encoded | None] | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.rows) + len(self.failed_rows)
-
-    def pin_memory(self) -> "Batch":
-        """Called by the DataLoader's pin-memory thread (GPU runs): page-locked pixels for async copies."""
-        if self.pixels.numel():
-            self.pixels = self.pixels.pin_memory()
-        return self
 
 
 Sample = tuple[Item, "np.ndarray | Encoded | None", str]

@@ -10,7 +10,8 @@ from collections import Counter
 from typing import Any, Iterator
 
 from featshard.errors import FeatshardError
-from featshard.extract.loader import PREFETCH, Batch, ChunkBatches, make_loader
+from featshard.extract.batch import Batch
+from featshard.extract.loader import PREFETCH, ChunkBatches, make_loader
 from featshard.extract.preprocess import Preprocess
 from featshard.store.inputs import InputSource
 

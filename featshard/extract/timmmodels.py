@@ -207,7 +207,7 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     from timm.models import clean_state_dict
 
     try:
-        return clean_state_dict(st_load(path, device="cpu"))  # type: ignore[no-any-return]
+        return clean_state_dict(st_load(path, device="cpu"))  # type: ignore[no-any-return, unused-ignore]
     except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
         raise UsageError(f"--weights {path}: not a readable safetensors file: {exc}") from exc
 

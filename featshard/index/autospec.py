@@ -124,7 +124,7 @@ def auto_spec(n: int, dim: int, max_memory: int, on_disk: bool = False) -> tuple
         return "Flat", f"{n} vectors < {FLAT_AUTO_MAX} and Flat needs {human_bytes(flat)} <= {budget}: exact search"
     why = "--on-disk needs IVF" if on_disk else f"{n} vectors >= {FLAT_AUTO_MAX} or Flat does not fit in {budget}"
     ladder = [with_lists(code, n) for code in code_ladder(dim)]
-    too_big = []
+    too_big: list[str] = []
     for layout in ladder:
         need = layout.bytes(n)
         if need <= max_memory:

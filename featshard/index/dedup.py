@@ -91,7 +91,7 @@ def near_groups(loaded: fx.LoadedIndex, threshold: float, k: int) -> list[dict[s
     """Connected components of the near pairs, with names, pair scores and each member's best score."""
     pairs = near_pairs(loaded, threshold, k)
     higher = loaded.meta.get("metric", "ip") == "ip"
-    sets, best = UnionFind(), {}
+    sets, best = UnionFind(), dict[int, float]()
     by_root: dict[int, list[list[Any]]] = defaultdict(list)
     for (a, b), score in pairs.items():
         sets.union(a, b)

@@ -66,8 +66,10 @@ def tune(index: Any, sources: Sequence[Source], metric: str, target: float, seed
     _, q = gather(sources, positions, batch_rows_for(index.d))
     truth = exact_knn(q, sources, k, metric, knn)
     name, candidates = tunable(index)
-    best, stale = (-1.0, None), 0
-    for value in candidates or [None]:
+    best: tuple[float, int | None] = (-1.0, None)
+    stale = 0
+    values: list[int | None] = list(candidates) or [None]
+    for value in values:
         if name:
             apply_params(index, {name: value})
         score = recall_at(index.search(q, k)[1], truth)

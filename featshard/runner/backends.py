@@ -12,7 +12,8 @@ from featshard.errors import FeatshardError, UsageError
 from featshard.runner.devices import Device
 from featshard.runner.handles import Backend, LogRoute
 from featshard.runner.pool import PoolBackend
-from featshard.runner.worker import ShardResult, ShardSpec, extract_shard
+from featshard.runner.shardspec import ShardResult, ShardSpec
+from featshard.runner.worker import extract_shard
 
 BACKENDS = ("pool", "inline")
 

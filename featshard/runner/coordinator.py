@@ -30,7 +30,8 @@ from featshard.runner.resume import clean_stale, durable_rows
 from featshard.runner.runtime import tune_process_env
 from featshard.runner.signals import Interrupted, StopSignals
 from featshard.runner.status import age
-from featshard.runner.worker import ShardFault, ShardResult, ShardSpec, Stopped, finished_result
+from featshard.runner.shardspec import ShardFault, ShardResult, ShardSpec, Stopped
+from featshard.runner.worker import finished_result
 from featshard.store.atomic import TMP_MARK, write_json_atomic
 from featshard.store.locks import RunLock
 from featshard.store.plan import Shard, plan_shards

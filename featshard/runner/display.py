@@ -96,13 +96,13 @@ class RunDisplay:
         self.mode = "quiet" if quiet else "live" if terminal else "plain"
         self.progress = Progress(*columns(), console=console, disable=self.mode != "live", expand=True,
                                  redirect_stdout=False, redirect_stderr=True, refresh_per_second=4)
-        blank = {"rate": 0.0, "eta": None, "failed": 0, "state": ""}
+        blank: dict[str, Any] = {"rate": 0.0, "eta": None, "failed": 0, "state": ""}
         self.overall = self.progress.add_task(f"[bold]{escape(label)}", total=sum(s.rows for s in shards), **blank)
         self.tasks: dict[str, TaskID] = {
             s.name: self.progress.add_task(escape(f"{s.device} {s.name}"), total=s.rows, **blank) for s in shards}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="featshard-display", daemon=True)
-        self._swapped: list[tuple[logging.StreamHandler, Any]] = []  # type: ignore[type-arg]
+        self._swapped: list[tuple[logging.StreamHandler[Any], Any]] = []
         self.started = time.time()
         self.last: dict[str, Any] = {}
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from featshard.errors import FeatshardError
-from featshard.runner.worker import ShardResult, ShardSpec
+from featshard.runner.shardspec import ShardResult, ShardSpec
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from featshard.extract.extractor import Extractor, Pending
+from featshard.extract.batch import Batch
 from featshard.store import shards
 from featshard.store.progress import Progress
 
@@ -39,10 +41,10 @@ class ChunkBuffer:
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
-        self.blocks: list[tuple[Any, np.ndarray]] = []
+        self.blocks: list[tuple[Batch, np.ndarray]] = []
         self.count = 0
 
-    def add(self, batch: Any, feats: np.ndarray) -> None:
+    def add(self, batch: Batch, feats: np.ndarray) -> None:
         self.blocks.append((batch, feats))
         self.count += batch.size
 
@@ -76,7 +78,8 @@ class ChunkWriter:
     _END = object()
 
     def __init__(self, write: Callable[[ChunkBuffer], None], depth: int = WRITER_DEPTH, name: str = "") -> None:
-        self._write, self._queue, self._slots = write, queue.SimpleQueue(), threading.Semaphore(depth)
+        self._write, self._slots = write, threading.Semaphore(depth)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done: deque[tuple[int, int]] = deque()
         self.error: BaseException | None = None
         self.busy = 0.0  # seconds the thread spent writing
@@ -143,7 +146,7 @@ class ChunkWriter:
 class ShardLoop:
     """One shard's pending chunks through the extractor; see the module docstring."""
 
-    def __init__(self, extractor: Any, chunks: list[tuple[int, int]], write: Callable[[ChunkBuffer], None],
+    def __init__(self, extractor: Extractor, chunks: list[tuple[int, int]], write: Callable[[ChunkBuffer], None],
                  stages: dict[str, float], progress: Progress, name: str = "") -> None:
         self.extractor, self.stages, self.progress = extractor, stages, progress
         self.chunks = iter(chunks)
@@ -153,10 +156,10 @@ class ShardLoop:
         for key in ("wait_first", "wait_data", "write", "write_busy", "loop"):
             stages.setdefault(key, 0.0)
 
-    def run(self, loader: Iterable[Any]) -> int:
+    def run(self, loader: Iterable[Batch]) -> int:
         """Every batch of `loader` extracted and its chunk written; returns the rows processed."""
         self.progress.restart_clock()
-        inflight: tuple[Any, Any] | None = None
+        inflight: tuple[Batch, Pending] | None = None
         started = 0.0
         finished = False
         try:
@@ -183,7 +186,7 @@ class ShardLoop:
             self.stages["loop"] += time.monotonic() - started if started else 0.0
         return self.processed
 
-    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+    def _timed(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """The loader's batches; the time spent waiting for each booked as wait_first (the first: loaders starting,
         pipeline fill) or wait_data."""
         first = True
@@ -198,7 +201,7 @@ class ShardLoop:
             first = False
             yield batch
 
-    def _take(self, batch: Any, pending: Any) -> None:
+    def _take(self, batch: Batch, pending: Pending) -> None:
         """A batch's features (waiting for the device if needed) into its chunk; a whole chunk to the writer (once
         it has a free slot), then the batch counted as done."""
         self.buf.add(batch, pending.result())

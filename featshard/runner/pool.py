@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from featshard.runner.handles import LogRoute, WorkerDied, WorkersCannotStart, WorkerStalled
 from featshard.runner.logroute import route_to
-from featshard.runner.worker import ShardResult, ShardSpec, extract_shard
+from featshard.runner.shardspec import ShardResult, ShardSpec
+from featshard.runner.worker import extract_shard
 from featshard.store.progress import read_progress
 from featshard.system import pid_alive
 
@@ -214,7 +215,7 @@ class PoolBackend:
             pool._terminate.cancel()  # noqa: SLF001 - its exit-time finalizer would block the same way
 
 
-def _free_queue_locks(pool: multiprocessing.pool.Pool) -> None:
+def _free_queue_locks(pool: Any) -> None:
     """Every worker is gone: a queue lock still held was held by a worker killed while it held it (an idle worker
     waits for a task holding the task queue's read lock; one sending its result holds the result queue's write lock
     until just after the coordinator may have read that result). `pool.terminate` takes both locks: it would wait

@@ -6,7 +6,7 @@ from typing import Any
 
 from featshard.errors import FeatshardError
 from featshard.runner.prepare import Prepared
-from featshard.runner.worker import STAGES, ShardResult
+from featshard.runner.shardspec import STAGES, ShardResult
 from featshard.store.plan import Shard
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
+from featshard.runner.shardspec import ShardSpec
 from featshard.store import shards
 from featshard.store.atomic import TMP_MARK
 from featshard.store.plan import chunk_ranges
@@ -15,7 +15,7 @@ from featshard.store.rundir import RunDir
 log = logging.getLogger("featshard.resume")
 
 
-def clean_stale(spec: Any) -> None:
+def clean_stale(spec: ShardSpec) -> None:
     """Remove what a killed writer of this shard may have left: torn `*.tmp-<pid>` files; the chunk folder of a
     shard whose file is complete (killed between the final rename and the clean-up)."""
     name, run_dir = spec.shard.name, spec.run_dir
@@ -45,7 +45,7 @@ def chunk_usable(path: Path, fingerprint: str | None) -> bool:
     return ok
 
 
-def durable_chunks(spec: Any) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def durable_chunks(spec: ShardSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(finished, pending) chunk ranges of an unfinished shard, from the chunk files on disk."""
     chunks = chunk_ranges(spec.shard.start, spec.shard.stop, spec.chunk_size)
     fp = spec.attrs.get("fingerprint")
@@ -53,7 +53,7 @@ def durable_chunks(spec: Any) -> tuple[list[tuple[int, int]], list[tuple[int, in
     return [c for c in chunks if c in done], [c for c in chunks if c not in done]
 
 
-def durable_rows(spec: Any) -> int:
+def durable_rows(spec: ShardSpec) -> int:
     """Rows of this shard already on disk: all of them for a complete shard file, else those of finished chunks."""
     if shards.is_complete(RunDir(spec.run_dir).shard(spec.shard.name)):
         return spec.shard.rows

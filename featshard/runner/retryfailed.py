@@ -14,16 +14,18 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
+from featshard.extract.extractor import Extractor
+from featshard.runner.shardspec import ShardSpec
 from featshard.runner.resume import durable_chunks
 from featshard.store import shards
-from featshard.store.inputs import Item, iter_items
+from featshard.store.inputs import InputSource, Item, iter_items
 from featshard.store.rundir import RunDir
 from featshard.store.shardedit import rewrite_file
 
 log = logging.getLogger("featshard.retryfailed")
 
 
-def retry_targets(spec: Any) -> list[Path]:
+def retry_targets(spec: ShardSpec) -> list[Path]:
     """The files whose failures are retried: the shard file when complete, else its finished chunk files."""
     final = RunDir(spec.run_dir).shard(spec.shard.name)
     if shards.is_complete(final):
@@ -37,7 +39,7 @@ def failed_rows_of(path: Path) -> np.ndarray:
         return h5["failed_rows"][...].astype(np.int64)
 
 
-def retry_failed(spec: Any, get_extractor: Callable[[], Any], stages: dict[str, float],
+def retry_failed(spec: ShardSpec, get_extractor: Callable[[], Extractor], stages: dict[str, float],
                  write: Callable[[Path, Callable[[], Any]], Any]) -> tuple[int, int]:
     """Retry the failed rows of this shard's finished files; returns (rows retried, rows now with a feature)."""
     targets = [(path, failed_rows_of(path)) for path in retry_targets(spec)]
@@ -55,7 +57,7 @@ def retry_failed(spec: Any, get_extractor: Callable[[], Any], stages: dict[str, 
     return len(wanted), recovered
 
 
-def items_for_rows(source: Any, rows: np.ndarray) -> Iterator[Item]:
+def items_for_rows(source: InputSource, rows: np.ndarray) -> Iterator[Item]:
     """The input items of the given (sorted) rows, streaming the list once over their span."""
     wanted = set(int(r) for r in rows)
     for item in iter_items(source, int(rows[0]), int(rows[-1]) + 1):
@@ -63,7 +65,7 @@ def items_for_rows(source: Any, rows: np.ndarray) -> Iterator[Item]:
             yield item
 
 
-def extract_rows(spec: Any, extractor: Any, items: list[Item],
+def extract_rows(spec: ShardSpec, extractor: Extractor, items: list[Item],
                  stages: dict[str, float]) -> dict[int, np.ndarray | str]:
     """row -> feature vector (float32) or the failure reason, for the given items."""
     batches = [items[i: i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]

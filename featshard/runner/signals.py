@@ -5,7 +5,7 @@ import logging
 import signal
 from typing import Any
 
-from featshard.runner.worker import Stopped
+from featshard.runner.shardspec import Stopped
 
 log = logging.getLogger("featshard.run")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)

@@ -8,94 +8,25 @@ loop itself (submit one ahead, consume one late, chunks written by a background 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
+from featshard.extract.extractor import Extractor
+from featshard.extract.batch import Batch
 from featshard.store import shards
 from featshard.runner.devices import Device, device_identity, pin_device
-from featshard.errors import FeatshardError
-from featshard.store.inputs import InputSource
-from featshard.extract.models import ModelSpec
-from featshard.store.plan import Shard, chunk_ranges
-from featshard.extract.preprocess import Preprocess
+from featshard.store.plan import chunk_ranges
 from featshard.store.progress import Progress
 from featshard.store.rundir import RunDir
-from featshard.extract.loader import PREFETCH, decodes_on_device
+from featshard.extract.loader import decodes_on_device
 from featshard.extract.stream import BatchStream
 from featshard.runner.pipeline import ChunkBuffer, ShardLoop
 from featshard.runner.resume import clean_stale, durable_chunks
-from featshard.store.shards import WriteError, guarded_write  # noqa: F401 - WriteError: part of this module's API
+from featshard.runner.shardspec import STAGES, ShardFault, ShardResult, ShardSpec, Stopped, retryable
+from featshard.store.shards import guarded_write
 
 log = logging.getLogger("featshard.runner.worker")
-# seconds per stage, per shard (summary.json): see featshard.runner.pipeline; wait_first: the loaders starting
-STAGES = ("load_model", "wait_first", "wait_data", "decode", "h2d", "model", "write", "write_busy", "loop")
-
-
-class Stopped(FeatshardError):
-    """The run was asked to stop (a signal): finished chunks stay on disk and the same command resumes."""
-
-
-class ShardFault(FeatshardError):
-    """A fault of the device while the shard ran (a CUDA error, out of memory): the coordinator retries the shard
-    from its durable chunks, as for a worker that died, up to --max-retries."""
-
-
-_CUDA_FAULTS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error",
-                "nvJPEG", "nvjpeg")
-
-
-def retryable(exc: BaseException) -> bool:
-    """Whether `exc` is a device fault worth a retry of the shard (torch.AcceleratorError and OutOfMemoryError, or a
-    RuntimeError in CUDA's words) rather than a bug or bad input that would fail the same way again."""
-    if type(exc).__name__ in ("AcceleratorError", "OutOfMemoryError"):
-        return True
-    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _CUDA_FAULTS)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    run_dir: str
-    shard: Shard
-    source: InputSource
-    model: ModelSpec
-    prep: Preprocess
-    dtype: str
-    batch_size: int
-    loader_workers: int
-    chunk_size: int
-    cpu_threads: int
-    attrs: dict[str, Any] = field(default_factory=dict)  # provenance written into every file (fingerprint, ...)
-    retries: int = 0  # how many times the coordinator restarted this shard after its worker died (progress file)
-    retry_failed: bool = False  # re-process the rows recorded as failed in finished shards and chunks
-    prefetch: int = PREFETCH  # batches each loader keeps ready (lowered to fit a small /dev/shm: loader.plan_shm)
-
-
-@dataclass
-class ShardResult:
-    shard: str
-    index: int
-    device: str
-    path: str
-    rows: int
-    ok: int
-    failed: int
-    resumed_rows: int
-    processed_rows: int
-    seconds: float
-    stages: dict[str, float]
-    pid: int = field(default_factory=os.getpid)
-    retried_rows: int = 0  # --retry-failed: failed rows processed again
-    recovered_rows: int = 0  # ... of which now have a feature
-    graph: str = ""  # how the network ran (featshard.extract.graph), "" when no model was needed
-    device_uuid: str = ""  # the GPU this attempt ran on, as nvidia-smi names it ("" on CPU or without a model)
-    device_name: str = ""
-    batch_size_used: int = 0  # the model batch at the end (halved on each CUDA out-of-memory); 0: no model ran
-
-    @property
-    def images_per_s(self) -> float:
-        return self.processed_rows / self.seconds if self.seconds > 0 else 0.0
 
 
 class LazyExtractor:
@@ -103,7 +34,7 @@ class LazyExtractor:
 
     def __init__(self, spec: ShardSpec, device: str, stages: dict[str, float]) -> None:
         self.spec, self.device, self.stages = spec, device, stages
-        self._ext: Any = None
+        self._ext: Extractor | None = None
         self.identity: dict[str, str] = {}  # device name and UUID, once the model is on it
 
     @property
@@ -114,9 +45,8 @@ class LazyExtractor:
     def batch_size_used(self) -> int:
         return 0 if self._ext is None else int(self._ext.batch_size_used)
 
-    def get(self) -> Any:
+    def get(self) -> Extractor:
         if self._ext is None:
-            from featshard.extract.extractor import Extractor
             from featshard.runner.runtime import tune_malloc
 
             tune_malloc()  # after the loaders forked (decode measured no faster tuned), before the model's first batch
@@ -205,7 +135,7 @@ def _extract_chunks(spec: ShardSpec, extractor: LazyExtractor, progress: Progres
     return resumed, _consume(spec, ext, stream, pending, stages, progress)
 
 
-def _consume(spec: ShardSpec, extractor: Any, loader: Any, pending: list[tuple[int, int]],
+def _consume(spec: ShardSpec, extractor: Extractor, loader: Iterable[Batch], pending: list[tuple[int, int]],
              stages: dict[str, float], progress: Progress) -> int:
     """The pending chunks through the overlapped loop (featshard.runner.pipeline); returns the rows processed."""
     loop = ShardLoop(extractor, pending, lambda buf: _write_chunk(spec, buf, extractor.dim), stages, progress,
@@ -244,7 +174,7 @@ def provenance(spec: ShardSpec, **extra: Any) -> dict[str, Any]:
     return dict(spec.attrs, versions=library_versions(), **extra)
 
 
-def _done_result(spec: ShardSpec, final: Any, t0: float, resumed: int | None = None, processed: int = 0,
+def _done_result(spec: ShardSpec, final: Path, t0: float, resumed: int | None = None, processed: int = 0,
                  stages: dict[str, float] | None = None) -> ShardResult:
     import h5py
 

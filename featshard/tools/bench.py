@@ -14,6 +14,7 @@ DataLoader on resnet50. On a GPU the model should be busy >= 90% of the steady s
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -28,7 +29,7 @@ from featshard.runner.runtime import tune_process_env
 from featshard.system import cores
 
 log = logging.getLogger("featshard.tools.bench")
-TARGETS = {"seed": {"mobilenet_v2": 3.0, "resnet50": 2.5}, "plain": {"resnet50": 2.0}, "bound": 0.9}
+TARGETS: dict[str, Any] = {"seed": {"mobilenet_v2": 3.0, "resnet50": 2.5}, "plain": {"resnet50": 2.0}, "bound": 0.9}
 
 
 def settings(config: BenchConfig) -> dict[str, Any]:
@@ -98,13 +99,13 @@ def bench_model(name: str, cfg: dict[str, Any], lst: Path, paths: list[str], out
     n, r, procs = len(paths), cfg["repeats"], cores()
     batch = default_batch(dev)
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
-        f"decode_{mode}": (lambda m=mode: bs.decode_rate(paths, prep, m, procs)) for mode in ("exact", "fast")}
+        f"decode_{mode}": functools.partial(bs.decode_rate, paths, prep, mode, procs) for mode in ("exact", "fast")}
     device = "cuda:0" if dev == "cuda" else "cpu"
     if dev == "cuda":
         jobs["decode_device"] = lambda: bs.isolated(bs.device_decode_rate, paths, prep, device, procs, batch)
     for prec, comp in dict.fromkeys([("fp32", False), (precision, False)] + [(precision, True)] * cfg["compile"]):
-        jobs[f"model_{prec}" + ("_compiled" if comp else "")] = (
-            lambda p=prec, c=comp: bs.isolated(bs.model_rate, name, p, prep, batch, device, c, cfg["seconds"]))
+        jobs[f"model_{prec}" + ("_compiled" if comp else "")] = functools.partial(
+            bs.isolated, bs.model_rate, name, prec, prep, batch, device, comp, cfg["seconds"])
     argv = ["--model", name, "--weights", "none", *(["--gpus", cfg["gpus"]] if cfg["gpus"] else [])]
     jobs["run"] = lambda: bs.run_rate(lst, out / name / "run", argv)
     if cfg["compile"]:

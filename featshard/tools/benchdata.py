@@ -10,6 +10,7 @@ recipe matches is reused.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -145,6 +146,10 @@ def build_set(out: Path, n: int, seed: int = 0) -> Path:
     return lst
 
 
+def _save_jpeg(im: Image.Image, options: dict[str, Any], path: str) -> None:
+    im.save(path, "JPEG", quality=90, **options)
+
+
 def odd_jpegs(out: Path, seed: int = 0) -> list[Path]:
     """JPEGs that `--decode gpu` must route or decode like the CPU (the fidelity check adds them to the bench set):
     progressive, CMYK, RGB-coded with an Adobe marker ("Adobe RGB"), ICC-tagged, greyscale, EXIF-rotated, 4:4:4
@@ -167,7 +172,7 @@ def odd_jpegs(out: Path, seed: int = 0) -> list[Path]:
     for name, (im, kw) in variants.items():
         path = out / name
         if not path.is_file():
-            write_atomic(path, lambda tmp, im=im, kw=kw: im.save(tmp, "JPEG", quality=90, **kw))
+            write_atomic(path, functools.partial(_save_jpeg, im, kw))
         paths.append(path)
     data = bytearray((out / "chroma444.jpg").read_bytes())
     dht, sos = data.index(b"\xff\xc4"), data.index(b"\xff\xda")

@@ -24,11 +24,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from featshard.extract.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from featshard.extract.extractor import Pending
 
 
 
@@ -119,7 +122,7 @@ def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: 
     import torch
 
     from featshard.extract.extractor import Extractor
-    from featshard.extract.loader import Batch
+    from featshard.extract.batch import Batch
     from featshard.extract.models import ModelSpec
     from featshard.runner.runtime import tune_malloc
 
@@ -139,13 +142,15 @@ def model_rate(name: str, precision: str, prep: Preprocess, batch: int, device: 
     stages: dict[str, float] = {}
 
     def go() -> dict[str, Any]:
-        n, start, pending = 0, time.perf_counter(), None
+        n, start = 0, time.perf_counter()
+        pending: Pending | None = None
         while n < 3 * batch or time.perf_counter() - start < seconds:
             submitted = ext.submit(batch_of(x), stages)
             if pending is not None:
                 pending.result()
             pending, n = submitted, n + batch
-        pending.result()
+        if pending is not None:
+            pending.result()
         return {"images": n}
 
     res = timed(0, go)
@@ -283,8 +288,8 @@ def plain_loader(name: str, paths: Sequence[str], prep: Preprocess, workers: int
     from torch.utils.data import DataLoader
 
     model = plain_model(name, device)
-    kwargs = {} if workers is None else {"num_workers": workers}
-    loader = DataLoader(_PlainDataset(paths, plain_transform(prep)), batch_size=64, **kwargs)
+    dataset: Any = _PlainDataset(paths, plain_transform(prep))
+    loader: Any = DataLoader(dataset, batch_size=64, num_workers=workers or 0)
 
     def go() -> None:
         with torch.inference_mode():

@@ -277,7 +277,7 @@ def create_app(state: ServeState) -> Starlette:
               Route("/image/{ident}", image), Route("/thumb/{ident}", thumb)]
     routes += [Route(path, static) for path in STATIC]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = srv
     app.add_middleware(AccessLog)
     return app

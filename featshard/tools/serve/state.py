@@ -21,7 +21,7 @@ import numpy as np
 
 from featshard.errors import FeatshardError
 from featshard.extract.decode import ImageFailure
-from featshard.extract.gpudecode import Encoded
+from featshard.extract.batch import Encoded
 from featshard.store.manifest import load_manifest
 from featshard.tools.config import ServeConfig
 
