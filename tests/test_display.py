@@ -244,7 +244,7 @@ def test_terminal_shows_one_display_and_whole_log_lines_even_when_a_worker_dies(
 
 @pytest.mark.slow
 def test_without_a_terminal_progress_lines_come_every_interval(images: Path, tmp_path: Path) -> None:
-    proc = cli(*run_args(images.parent / "short.txt", tmp_path / "run", "--progress-every", "1"), check=True)
+    proc = cli(*run_args(images.parent / "short.txt", tmp_path / "run", "--progress-every", "0.25"), check=True)
     lines = proc.stderr.splitlines()
     assert all(LOG_LINE.match(line) for line in lines), proc.stderr  # plain log lines only: no bar, no \r
     ticks = [line.split("featshard.progress: ", 1)[1] for line in lines if " featshard.progress: " in line]

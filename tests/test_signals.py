@@ -3,6 +3,8 @@ signal, the message says how to resume, no process of the run is left behind; th
 While the first run is live, a second `run` on the same --out is refused (the run lock, a real second process)."""
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -44,6 +46,21 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return procs
 
 
+def freeze_workers(out: Path) -> list[int]:
+    """SIGSTOP every live worker of the run (pids from its progress files)."""
+    pids = [int(p["pid"]) for p in progress(out).values() if p.get("pid") and p.get("state") != "complete"]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_stop_signals_leave_a_resumable_run(reference: tuple[Path, Path], tmp_path: Path) -> None:
     """Three runs on one --out (the reference list twice: 48 rows, chunks of 1), stopped in turn by SIGINT right after
     the models loaded, SIGTERM and SIGUSR2 after new chunks; the fourth completes (while it runs, a second `run` on
@@ -58,8 +75,11 @@ def test_stop_signals_leave_a_resumable_run(reference: tuple[Path, Path], tmp_pa
         proc = start(args)
         wait_for(f"the point to send {sig.name}", (lambda: extracting(out)) if sig == signal.SIGINT else
                  mid_chunks(out, before, per_shard=ROWS), proc)
+        workers = freeze_workers(out)  # held mid-run however fast this machine extracts, until the stop reaches them
         sent = time.monotonic()
         proc.send_signal(sig)
+        time.sleep(1.5)  # the coordinator polls twice a second: its SIGTERM to the workers is pending by now
+        thaw(workers)
         _, err = proc.communicate(timeout=60)
         print(f"{sig.name}: the coordinator exited {time.monotonic() - sent:.1f} s after the signal")
         assert proc.returncode == 128 + sig, err

@@ -10,6 +10,7 @@ JPEGs (`Batch.encoded`) for `Extractor.batch_to_device` to decode on the device,
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass
 from itertools import islice
@@ -135,6 +136,10 @@ def _loader_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+# loader processes are forked where the platform can (they start in milliseconds, sharing the worker's imports)
+FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def make_loader(batches: Iterable[list[Item]], prep: Preprocess, workers: int, pin: bool,
                 device_decode: bool = False, prefetch: int = PREFETCH) -> Any:
     """A DataLoader over `batches` (a re-iterable of Item lists, e.g. ChunkBatches): `workers` loader processes
@@ -146,7 +151,10 @@ def make_loader(batches: Iterable[list[Item]], prep: Preprocess, workers: int, p
 
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs = dict(prefetch_factor=max(1, prefetch), worker_init_fn=_loader_init,
+        # fork, explicitly: a pool worker (spawned) would otherwise spawn its loaders too (the start method a spawned
+        # process inherits), each importing torch again (seconds, ~0.4 GB each: 16 loaders x 8 GPUs), and a spawned
+        # loader whose worker dies while it starts up never notices (torch's watchdog took pid 1 as its parent)
+        kwargs = dict(prefetch_factor=max(1, prefetch), worker_init_fn=_loader_init, multiprocessing_context=FORK,
                       timeout=max(120.0, prep.timeout * 8 + 60.0))
     dataset: Any = DecodeDataset(prep, device_decode)  # a map-style dataset indexed by Items (torch's type: ints)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
