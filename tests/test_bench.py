@@ -99,7 +99,7 @@ def test_device_decode_agrees_with_exact_on_the_bad_input_corpus(tmp_path: Path)
     """`--decode gpu` (its code on the CPU) against `--decode exact` on every entry of the bad-input corpus plus the
     odd JPEGs (progressive, CMYK, Adobe RGB, ICC, 4:4:4, 4:2:2, three broken): the same rows fail (same reason
     class), and every image that decodes has cosine >= 0.995 with exact (trained weights)."""
-    from corpus import make_corpus
+    from helpers import make_corpus
 
     weights = mobilenet_weights()
     entries = make_corpus(tmp_path / "corpus")
