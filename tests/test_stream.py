@@ -95,3 +95,34 @@ def test_a_full_dev_shm_fails_the_shard_with_the_traceback(tmp_path: Path) -> No
     assert proc.stdout.startswith("FAULT 0 "), proc.stdout + proc.stderr[-3000:]
     assert "No space left on device" in proc.stdout and "--shm-size" in proc.stdout
     assert "Original Traceback" in proc.stdout and "stack_pixels" in proc.stdout
+
+
+DIES_DURING_MODEL_LOAD = """
+import os, signal, sys, time
+import psutil
+from featshard.extract.models import preprocess_for
+from featshard.extract.stream import BatchStream
+from featshard.store.inputs import open_input
+stream = BatchStream("s", open_input(sys.argv[1]), [(0, 48)], preprocess_for("mobilenet_v2", "none"), 8, 2, False)
+stream.start()
+loaders = psutil.Process().children()
+time.sleep(0.5)
+os.kill(loaders[0].pid, signal.SIGKILL)
+time.sleep(2)  # the worker builds its model here: the loader's death must not be raised inside the build
+rows, failed = [], []
+for b in stream:
+    rows += b.rows
+    failed += b.failed_rows
+print("DELIVERED", len(loaders), sorted(rows) == list(range(48)), failed)
+"""
+
+
+def test_a_loader_killed_while_the_model_loads_is_replaced_at_the_first_fetch(tmp_path: Path) -> None:
+    """Loaders start before the model is built; torch's SIGCHLD handler raised a loader's death wherever the worker
+    was (inside the model's graph tracing: the shard failed as a usage error). Now the first fetch reports it, the
+    loader is replaced and every row is delivered once, none failed."""
+    lst = write_list(tmp_path / "list.txt", make_images(tmp_path / "imgs", 4) * 12)
+    proc = subprocess.run([sys.executable, "-c", DIES_DURING_MODEL_LOAD, str(lst)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.stdout.strip() == "DELIVERED 2 True []", proc.stdout + proc.stderr[-3000:]
+    assert "starting a new loader" in proc.stderr

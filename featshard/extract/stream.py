@@ -48,13 +48,14 @@ class BatchStream:
         self.delivered = 0
         self.died_at = -1
         self.watch = ChunkWatch(name, pending)
-        self._started: Iterator[Any] | None = None
+        self._started: _LoaderDeaths | None = None
 
     def start(self) -> "BatchStream":
         """Start the loader processes now (they fork from this process, so before the model makes it big) and let
-        them decode the first batches while the model loads."""
+        them decode the first batches while the model loads. A loader process that dies meanwhile is reported by the
+        first fetch, not inside the model build (torch's SIGCHLD handler would raise wherever this process is)."""
         if self._started is None:
-            self._started = self._new_loader()
+            self._started = _LoaderDeaths(self._new_loader())
         return self
 
     def _new_loader(self) -> Iterator[Any]:
@@ -72,11 +73,11 @@ class BatchStream:
 
     def _supervised(self) -> Iterator[Any]:
         while True:
-            batches: Iterator[Any] | None = None
+            deaths: _LoaderDeaths | None = None
             try:
-                batches = self._started if self._started is not None else self._new_loader()
+                deaths = self._started if self._started is not None else _LoaderDeaths(self._new_loader())
                 self._started = None  # a loader that died or stalled is replaced by a fresh one
-                for batch in _LoaderDeaths(batches):
+                for batch in deaths:
                     self.delivered += 1
                     yield batch
                 return
@@ -87,7 +88,8 @@ class BatchStream:
                 if kind is None:
                     raise
                 if kind == "died":
-                    _shut_down(batches)  # else torch reports the dead process again, to the next loader's fetch
+                    # else torch reports the dead process again, to the next loader's fetch
+                    _shut_down(deaths.batches if deaths is not None else None)
                 if kind == "died" and self.died_at != self.delivered:
                     self.died_at = self.delivered
                     log.warning("%s: %s; starting a new loader", self.name, exc)
