@@ -106,3 +106,36 @@ def test_a_worker_that_stops_updating_its_progress_is_stopped_and_retried(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     entry = next(s for s in summary["shards"] if s["shard"] == victim["shard"])
     assert summary["ok"] == 60 and summary["complete"] and entry["retries"] >= 1
+
+
+class _Pending:
+    """An apply_async result that never arrives."""
+
+    def ready(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> None:
+        time.sleep(timeout or 0)
+
+
+def test_a_killed_runs_progress_file_is_not_taken_for_this_attempts_worker(tmp_path: Path) -> None:
+    """A run killed and started again at once: the shard's progress file, seconds old, names the killed worker. The
+    pool's handle trusted any file started within a second of its submission, so it saw that dead pid, declared this
+    attempt's (live) worker dead and ran the shard a second time. It now trusts only its own attempt's file."""
+    from dataclasses import replace
+
+    from featshard.runner.handles import WorkerDied
+    from featshard.runner.pool import PoolHandle
+    from featshard.store.atomic import write_json_atomic
+
+    spec = replace(spec_for(tmp_path), attempt="this-attempt")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    path = RunDir(spec.run_dir).progress(spec.shard.name)
+    handle = PoolHandle(spec, _Pending(), grace=0.2, start_timeout=600)
+    write_json_atomic(path, {"pid": dead_pid, "started": time.time(), "attempt": "the-killed-run"})
+    with pytest.raises(TimeoutError):  # still waiting for its own worker, not declaring it dead
+        handle.result(timeout=1.0)
+    write_json_atomic(path, {"pid": dead_pid, "started": time.time(), "attempt": "this-attempt"})
+    with pytest.raises(WorkerDied, match=f"worker pid {dead_pid}"):
+        handle.result(timeout=5.0)

@@ -125,10 +125,11 @@ def extracting(out: Path) -> bool:
 
 
 def mid_chunks(out: Path, before: int, per_shard: int = ROWS // 2) -> Callable[[], bool]:
-    """True once more chunks than `before` rows are durable and no shard is finished yet."""
+    """True once more than `before` rows are durable and a shard is between chunks (some of its rows durable, not
+    all). A shard may already be finished: one worker can do its 12 rows before the other has started."""
     def reached() -> bool:
         done = durable(out, per_shard)
-        return sum(done.values()) > before and all(n < per_shard for n in done.values())
+        return sum(done.values()) > before and any(0 < n < per_shard for n in done.values())
     return reached
 
 

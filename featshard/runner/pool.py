@@ -11,6 +11,8 @@ import multiprocessing.pool
 import os
 import signal
 import time
+import uuid
+from dataclasses import replace
 from typing import Any, Callable
 
 from featshard.runner.handles import LogRoute, WorkerDied, WorkersCannotStart, WorkerStalled
@@ -106,7 +108,7 @@ class PoolHandle:
 
     def _check_alive(self) -> None:
         prog = read_progress(self.spec.run_dir, self.spec.shard.name)
-        pid = prog.get("pid") if prog and prog.get("started", 0) >= self._submitted - 1 else None
+        pid = prog.get("pid") if prog and prog.get("attempt") == self.spec.attempt else None  # not a killed run's
         if pid is None:
             if self._cannot_start():
                 raise WorkersCannotStart(
@@ -184,6 +186,7 @@ class PoolBackend:
         def on_error(exc: BaseException) -> None:
             log.error("%s failed in its worker: %s: %s", spec.shard.name, type(exc).__name__, exc)
 
+        spec = replace(spec, attempt=uuid.uuid4().hex)
         ar = self._pool.apply_async(extract_shard, (spec,), error_callback=on_error)
         return PoolHandle(spec, ar, self._grace, self._start_timeout, self._stall_timeout, self.cannot_start)
 

@@ -55,6 +55,9 @@ class ShardSpec:
     retries: int = 0  # how many times the coordinator restarted this shard after its worker died (progress file)
     retry_failed: bool = False  # re-process the rows recorded as failed in finished shards and chunks
     prefetch: int = PREFETCH  # batches each loader keeps ready (lowered to fit a small /dev/shm: loader.plan_shm)
+    # this submission's token, written into the progress file: a backend that watches the worker's pid trusts only
+    # the file of its own attempt (a killed run's file, seconds old, names a dead pid)
+    attempt: str = ""
 
 
 @dataclass

@@ -70,7 +70,8 @@ def extract_shard(spec: ShardSpec) -> ShardResult:
     clean_stale(spec)
     if shards.is_complete(final) and not spec.retry_failed:
         return _done_result(spec, final, t0)
-    progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows, retries=spec.retries)
+    progress = Progress(spec.run_dir, spec.shard.name, spec.shard.device, spec.shard.rows, retries=spec.retries,
+                        attempt=spec.attempt)
     stages = dict.fromkeys(STAGES, 0.0)
     extractor = LazyExtractor(spec, device, stages)
     try:

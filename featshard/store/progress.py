@@ -25,10 +25,11 @@ RATE_WINDOW = 60.0  # seconds: `images_per_s` is the rate over the last minute
 
 class Progress:
     """What one worker reports about its shard; `update` throttles writes to one per `every` seconds.
-    `retries`: how many times the coordinator restarted this shard after its worker died."""
+    `retries`: how many times the coordinator restarted this shard after its worker died; `attempt`: the token of
+    the submission this worker runs (the coordinator matches it before it trusts the pid)."""
 
     def __init__(self, run_dir: str, shard_name: str, device: str, rows_total: int, every: float = 2.0,
-                 retries: int = 0) -> None:
+                 retries: int = 0, attempt: str = "") -> None:
         self.path = RunDir(run_dir).progress(shard_name)
         self.every = every
         self.last_write = 0.0
@@ -36,7 +37,7 @@ class Progress:
             "shard": shard_name, "pid": os.getpid(), "host": socket.gethostname(), "device": device,
             "state": "starting", "stage": "starting", "rows_total": rows_total, "rows_done": 0, "ok": 0,
             "failed": 0, "images_per_s": 0.0, "retries": retries, "started": time.time(), "updated": time.time(),
-            "error": None,
+            "error": None, "attempt": attempt,
         }
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._run_rows = 0
