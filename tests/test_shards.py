@@ -57,3 +57,43 @@ def test_surrogate_names_are_stored(tmp_path):
     blk = shards.Block(np.array([0]), [name], np.zeros((1, 2), np.float32))
     shards.write_block(tmp_path / "s.h5", blk, {}, 2, "float32")
     assert shards.read_block(tmp_path / "s.h5").names == ["caf\\xe9.jpg"]
+
+
+FORK_WHILE_WRITING = """
+import os, signal, sys, time
+import numpy as np
+from featshard.store import shards
+children = []
+create = shards._create
+
+
+def create_then_fork(*args, **kwargs):
+    create(*args, **kwargs)
+    if not children:  # a loader forked while the chunk file is open: it inherits the descriptor
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        children.append(pid)
+
+
+shards._create = create_then_fork
+block = shards.Block(np.arange(3, dtype=np.int64), ["a", "b", "c"], np.ones((3, 4), np.float32))
+try:
+    shards.write_block(sys.argv[1], block, {}, 4, "float32")
+    print("WRITTEN", shards.read_block(sys.argv[1]).rows.tolist())
+finally:
+    os.kill(children[0], signal.SIGKILL)
+    os.waitpid(children[0], 0)
+"""
+
+
+def test_a_process_forked_while_a_chunk_is_written_does_not_block_its_read_back(tmp_path):
+    """The worker forks replacement loaders while its chunk writer thread has a chunk file open; with HDF5's file
+    lock, the child's inherited descriptor kept the lock and the read-back failed (errno 11), failing the shard."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORK_WHILE_WRITING, str(tmp_path / "c.h5")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "WRITTEN [0, 1, 2]", proc.stdout + proc.stderr[-2000:]

@@ -36,7 +36,7 @@ def _rewrite(path: Path, tmp: str, outcome: dict[int, np.ndarray | str]) -> int:
                np.asarray([outcome[int(f_rows[i])] for i in fixed], dtype).reshape(-1, dim))
         moved = set(fixed)
         still = [i for i in range(len(f_rows)) if i not in moved]
-        with h5py.File(tmp, "w") as out:
+        with shards.create_h5(tmp) as out:
             for key, value in src.attrs.items():
                 out.attrs[key] = value
             out.attrs["complete"] = False

@@ -46,6 +46,15 @@ def clean_text(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def create_h5(path: str | os.PathLike[str]) -> h5py.File:
+    """A new HDF5 file for writing, without HDF5's file lock. A worker forks loader processes while its chunk
+    writer thread may have a file open: the child inherits that descriptor, and with a lock the file stayed locked
+    as long as the child lived (the chunk's read-back failed with errno 11, and the shard with it). featshard's
+    files need no lock: each is written under a temporary name of its own process, published by rename and never
+    opened for writing again."""
+    return h5py.File(path, "w", locking=False)
+
+
 def _to_attr(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
@@ -72,7 +81,7 @@ def write_block(path: str | os.PathLike[str], block: Block, attrs: dict[str, Any
 
 def _write_block(tmp: str, block: Block, feats: np.ndarray, attrs: dict[str, Any]) -> None:
     dim, dtype = feats.shape[1], feats.dtype
-    with h5py.File(tmp, "w") as h5:
+    with create_h5(tmp) as h5:
         _create(h5, "names", [clean_text(n) for n in block.names], STR)
         _create(h5, "rows", np.asarray(block.rows, np.int64), np.int64)
         _create(h5, "features", feats, dtype, dim)
@@ -96,7 +105,7 @@ def concat_files(parts: Sequence[str], final: str | os.PathLike[str], attrs: dic
 
 def _concat(tmp: str, parts: Sequence[str], attrs: dict[str, Any], dim: int, dtype: str) -> int:
     total = 0
-    with h5py.File(tmp, "w") as out:
+    with create_h5(tmp) as out:
         for key, value in attrs.items():
             out.attrs[key] = _to_attr(value)
         out.attrs["complete"] = False
