@@ -8,12 +8,17 @@ import importlib
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from featshard import __version__, api
 from featshard.errors import FeatshardError
 from featshard.logs import default_level, setup_logging
 from featshard.options import add_options, from_namespace
+
+if TYPE_CHECKING:  # the configs are imported when their command runs (keeps `--help` and `status` light)
+    from featshard.index.config import AddConfig, DedupConfig, MergeConfig, SearchConfig
+    from featshard.runner.config import DoctorConfig, RunConfig, SlurmConfig, StatusConfig, VerifyConfig
+    from featshard.tools.config import BenchConfig, DemoConfig, ExportConfig, ServeConfig
 
 # command -> (config class "module:Class", one-line help); only the invoked command's config module is imported
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -92,7 +97,7 @@ def _json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _run(config: Any) -> int:
+def _run(config: RunConfig) -> int:
     summary = api.run.with_config(config)
     if config.dry_run:
         _json({"rows": summary.rows, "input_sha256": summary.input_sha256, "num_nodes": summary.num_nodes,
@@ -100,12 +105,12 @@ def _run(config: Any) -> int:
     return 0
 
 
-def _merge(config: Any) -> int:
+def _merge(config: MergeConfig) -> int:
     api.merge.with_config(config)
     return 0
 
 
-def _search(config: Any) -> int:
+def _search(config: SearchConfig) -> int:
     from featshard.index.search import render_csv, render_table
 
     results = api.search.with_config(config)
@@ -116,7 +121,7 @@ def _search(config: Any) -> int:
     return 1 if any(r.error is not None for r in results) else 0
 
 
-def _verify(config: Any) -> int:
+def _verify(config: VerifyConfig) -> int:
     from featshard.runner.verifyreport import render
 
     report = api.verify.with_config(config)
@@ -124,7 +129,7 @@ def _verify(config: Any) -> int:
     return 0 if report.ok else 1
 
 
-def _dedup(config: Any) -> int:
+def _dedup(config: DedupConfig) -> int:
     from featshard.index.dedup import output_format, render
 
     result = api.dedup.with_config(config)
@@ -133,19 +138,19 @@ def _dedup(config: Any) -> int:
     return 0
 
 
-def _add(config: Any) -> int:
+def _add(config: AddConfig) -> int:
     api.add.with_config(config)
     return 0
 
 
-def _export(config: Any) -> int:
+def _export(config: ExportConfig) -> int:
     result = api.export.with_config(config)
     print(f"exported {result.rows} vectors (dim {result.dim}, {result.dtype}) as {result.format} into {result.out} "
           f"({len(result.files)} files)")
     return 0
 
 
-def _status(config: Any) -> int:
+def _status(config: StatusConfig) -> int:
     from featshard.runner.status import render_any
 
     status = api.status.with_config(config)
@@ -153,7 +158,7 @@ def _status(config: Any) -> int:
     return 0
 
 
-def _slurm(config: Any) -> int:
+def _slurm(config: SlurmConfig) -> int:
     import shlex
 
     from featshard.runner.slurm import slurm_job
@@ -176,7 +181,7 @@ def _slurm(config: Any) -> int:
     return 0
 
 
-def _doctor(config: Any) -> int:
+def _doctor(config: DoctorConfig) -> int:
     report = api.doctor.with_config(config)
     if config.json:
         _json(report.to_dict())
@@ -189,7 +194,7 @@ def _doctor(config: Any) -> int:
     return 0 if report.ok else 1
 
 
-def _bench(config: Any) -> int:
+def _bench(config: BenchConfig) -> int:
     from featshard.tools.bench import bench
     from featshard.tools.benchreport import table
 
@@ -199,20 +204,20 @@ def _bench(config: Any) -> int:
     return 0
 
 
-def _demo(config: Any) -> int:
+def _demo(config: DemoConfig) -> int:
     from featshard.tools.demo import demo
 
     print(demo(config))
     return 0
 
 
-def _serve(config: Any) -> int:
+def _serve(config: ServeConfig) -> int:
     api.serve.with_config(config)
     return 0
 
 
 # command -> presenter: calls the API with the config, prints the result, returns the exit status
-SHOW: dict[str, Callable[[Any], int]] = {
+SHOW: dict[str, Callable[..., int]] = {
     "run": _run, "merge": _merge, "search": _search, "verify": _verify, "dedup": _dedup, "add": _add,
     "export": _export, "status": _status, "slurm": _slurm, "doctor": _doctor, "bench": _bench, "demo": _demo,
     "serve": _serve,

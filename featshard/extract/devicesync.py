@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Mark:
@@ -48,7 +51,7 @@ class Lane:
     """Where work is queued: on CUDA the device's current stream (`side=False`) or a stream of its own (`side=True`);
     on a CPU the host itself (everything runs at once, in order)."""
 
-    def __init__(self, device: Any, side: bool = False) -> None:
+    def __init__(self, device: torch.device, side: bool = False) -> None:
         import torch
 
         self.device = torch.device(device)
@@ -79,7 +82,7 @@ class Lane:
         if self.stream is not None and mark.event is not None:
             self.stream.wait_event(mark.event)
 
-    def adopt(self, tensor: Any) -> Any:
+    def adopt(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` was made on another lane and is read on this one: its memory is not reused for anything else
         before this lane's queued work is done (the caching allocator's record_stream)."""
         if self.stream is not None and getattr(tensor, "is_cuda", False):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, cast
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from featshard.extract.models import ModelSpec, build_model
 from featshard.extract.preprocess import Preprocess
 from featshard.extract.timmmodels import is_timm
 from featshard.store.inputs import Item
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("featshard.extract.extractor")
 _warned_gpu_decode = False
@@ -53,7 +56,8 @@ class Pending:
     """A submitted batch: its features (pinned host memory on a GPU, being filled) and the marks of its stages.
     `result()` waits for the features, adds each stage's device seconds to `stages` and returns float32 (N, dim)."""
 
-    def __init__(self, host: Any, done: Mark | None = None, spans: dict[str, tuple[Mark, Mark]] | None = None,
+    def __init__(self, host: np.ndarray | torch.Tensor, done: Mark | None = None,
+                 spans: dict[str, tuple[Mark, Mark]] | None = None,
                  stages: dict[str, float] | None = None) -> None:
         self.host, self.done, self.spans, self.stages = host, done, spans or {}, stages
 
@@ -90,7 +94,7 @@ class Extractor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has one shape (padded): tuned once
         self.layer, self.net = feature_net(spec, build_model(spec))
-        self.net = self.net.to(self.device, memory_format=torch.channels_last)
+        self.net = self.net.to(self.device).to(memory_format=torch.channels_last)
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.dim = int(self(np.zeros((1, prep.crop, prep.crop, 3), np.uint8)).shape[1])  # on a GPU: a full batch
@@ -108,7 +112,8 @@ class Extractor:
         if graph == "compile":
             import torch
 
-            self.net, self.compiled = torch.compile(self.net, dynamic=False), True
+            compiled = torch.compile(self.net, dynamic=False)  # an OptimizedModule: an nn.Module
+            self.net, self.compiled = cast(torch.nn.Module, compiled), True
             self.forward_device(self.to_device(np.zeros((self.batch, self.prep.crop, self.prep.crop, 3), np.uint8)))
             return "compile", {}
         auto_eager = self.device.type != "cpu" or self.spec.precision != "fp32" or is_timm(self.spec.name)
@@ -133,7 +138,7 @@ class Extractor:
         """The model batch in use: the configured one, halved on each CUDA out-of-memory."""
         return self.model_batch
 
-    def _pooled(self, out: Any) -> Any:
+    def _pooled(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return pool_features(out["feat"], self.spec.pool)
 
     def autocast(self) -> Any:
@@ -144,18 +149,18 @@ class Extractor:
         dtype = torch.bfloat16 if self.spec.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def to_device(self, batch: Any) -> Any:
+    def to_device(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 NHWC (numpy or CPU tensor, pinned if possible) → float NCHW channels_last, normalised, on device."""
         import torch
 
         x = torch.as_tensor(batch).to(self.device, non_blocking=True)
         return self.normalise(x.permute(0, 3, 1, 2).float())  # NHWC storage viewed as NCHW = channels_last
 
-    def normalise(self, x: Any) -> Any:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """float NCHW pixels in [0, 255] -> the model's input (weights' mean/std)."""
         return (x - self.mean) / self.std
 
-    def batch_to_device(self, batch: Batch) -> Any:
+    def batch_to_device(self, batch: Batch) -> torch.Tensor:
         """A loader Batch's ok rows as the model's input on the device. With device decode (`batch.encoded`), JPEG
         bytes are decoded here and rows that cannot be decoded at all move to the batch's failed lists. The batch's
         pixels (and bytes) are released once on the device: a caller that keeps batches until their chunk is written
@@ -172,7 +177,7 @@ class Extractor:
         batch.pixels = torch.zeros((0, 0, 0, 3), dtype=torch.uint8)
         return x
 
-    def forward_device(self, x: Any) -> Any:
+    def forward_device(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input (N, 3, H, W) on the device -> float32 (N, dim) features on the device, in slices of at
         most `model_batch` (padded to it with a fixed shape). On out-of-memory (torch.cuda.OutOfMemoryError: a GPU
         only) `model_batch` is halved and the whole input run again: no row is lost, none is run twice into the
@@ -193,7 +198,7 @@ class Extractor:
                 log.warning("out of memory in the model at batch %d: running batches of %d from now on "
                             "(recorded as batch_size_used)", self.model_batch * 2, self.model_batch)
 
-    def _forward_slices(self, x: Any) -> Any:
+    def _forward_slices(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
         n, step = x.shape[0], self.model_batch
@@ -202,7 +207,7 @@ class Extractor:
         return torch.cat([self._forward(x[i: i + step], step if self.fixed_shape else min(step, n - i))
                           for i in range(0, n, step)])
 
-    def _forward(self, x: Any, size: int) -> Any:
+    def _forward(self, x: torch.Tensor, size: int) -> torch.Tensor:
         import torch
 
         n = x.shape[0]
@@ -239,7 +244,7 @@ class Extractor:
             done = self.main.mark()
         return Pending(host, done, {stage: (start, ready), "model": (begin, done)}, stages)
 
-    def _to_host(self, feats: Any) -> Any:
+    def _to_host(self, feats: torch.Tensor) -> np.ndarray | torch.Tensor:
         import torch
 
         if feats.device.type != "cuda":
@@ -259,7 +264,7 @@ class Extractor:
         return make_loader(batches, self.prep, workers, pin=self.device.type == "cuda",
                            device_decode=self.device_decode)
 
-    def __call__(self, batch: Any) -> np.ndarray:
+    def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         import torch
 
         with torch.inference_mode():

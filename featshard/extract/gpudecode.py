@@ -30,7 +30,7 @@ import os
 import stat
 import warnings
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from featshard.extract.batch import Batch, Encoded
 from featshard.extract.decode import ImageFailure, load_image
 from featshard.extract.preprocess import Preprocess
 from featshard.store.webdataset import TarMember, read_member
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("featshard.extract.gpudecode")
 _DEVICE_FORMATS = ("JPEG", "MPO")
@@ -91,7 +94,7 @@ def _read_bytes(path: str | bytes | TarMember) -> bytes | None:
         return fh.read()
 
 
-def orient(x: Any, orientation: int) -> Any:
+def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply EXIF orientation to a (C, H, W) tensor, as PIL's `ImageOps.exif_transpose`."""
     import torch
 
@@ -112,7 +115,7 @@ def orient(x: Any, orientation: int) -> Any:
     return x
 
 
-def resize_crop(x: Any, prep: Preprocess) -> Any:
+def resize_crop(x: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     """(..., C, H, W) uint8 on any device -> (..., 3, crop, crop) float32 in [0, 255], whole levels, like the CPU
     path; a batch of images of one size is resized in one call."""
     from torchvision.transforms.v2 import InterpolationMode
@@ -126,7 +129,7 @@ def resize_crop(x: Any, prep: Preprocess) -> Any:
     return x.round_().clamp_(0, 255)
 
 
-def _decode_call(datas: list[Any], device: Any) -> list[Any]:
+def _decode_call(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -137,13 +140,14 @@ def _decode_call(datas: list[Any], device: Any) -> list[Any]:
         return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
 
 
-def device_decode(datas: list[Any], device: Any) -> list[Any | None]:
+def device_decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Decode on `device` in one batched call; when it fails, each half again (recursively): None where an image
     fails alone (the CPU fallback decides whether the file is really broken)."""
     if not datas:
         return []
     try:
-        return _decode_call(datas, device)
+        decoded: list[torch.Tensor | None] = [*_decode_call(datas, device)]
+        return decoded
     except Exception as exc:  # noqa: BLE001 - a damaged file fails the whole call
         if len(datas) == 1:
             log.debug("device decode failed: %s", exc)
@@ -161,7 +165,7 @@ def _cpu_fallback(path: str | bytes | TarMember, prep: Preprocess) -> np.ndarray
         return ImageFailure("error", f"{type(exc).__name__}: {exc}")
 
 
-def decode_batch(batch: Batch, prep: Preprocess, device: Any) -> Any:
+def decode_batch(batch: Batch, prep: Preprocess, device: torch.device) -> torch.Tensor:
     """Pixels of a loader Batch whose `encoded` list is set, as float (N, 3, crop, crop) in [0, 255] on `device`,
     channels_last.
 
@@ -205,7 +209,7 @@ def decode_batch(batch: Batch, prep: Preprocess, device: Any) -> Any:
     return out[_index(keep, device)].contiguous(memory_format=torch.channels_last)
 
 
-def _index(rows: list[int], device: Any) -> Any:
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     import torch
 
     return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)

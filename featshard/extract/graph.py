@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from featshard.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("featshard.extract.graph")
 GRAPHS = ("auto", "eager", "jit", "compile")
@@ -28,7 +31,7 @@ def check_graph(graph: str, precision: str) -> None:
                          f"{precision} use --graph eager or compile")
 
 
-def to_torchscript(net: Any, example: Any) -> Any:
+def to_torchscript(net: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     """Trace (on `example`), freeze (constants folded: batch norm into convolutions) and optimise for inference."""
     import warnings
 
@@ -49,7 +52,8 @@ def _best_time(fn: Callable[[], Any], runs: int = 2) -> float:
     return best
 
 
-def choose_cpu_graph(net: Any, example: Any, head: Callable[[Any], Any]) -> tuple[Any, str, dict[str, float]]:
+def choose_cpu_graph(net: torch.nn.Module, example: torch.Tensor,
+                     head: Callable[[Any], torch.Tensor]) -> tuple[torch.nn.Module, str, dict[str, float]]:
     """`auto` on a CPU at fp32: (network, "jit" | "eager", timings). `head(out)` turns a network output into the
     pooled features compared between the two."""
     import torch

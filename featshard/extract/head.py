@@ -2,14 +2,17 @@
 its output is pooled into one vector per image."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from featshard.errors import UsageError
 from featshard.extract.models import ModelSpec, last_linear
 from featshard.extract.timmmodels import is_timm, timm_feature_net
 
+if TYPE_CHECKING:
+    import torch
 
-def default_layer(model: Any, eval_nodes: list[str]) -> str:
+
+def default_layer(model: torch.nn.Module, eval_nodes: list[str]) -> str:
     """The node just before the final classifier (e.g. `flatten` for ResNet/MobileNet, the class token for ViT)."""
     head = last_linear(model)
     if head not in eval_nodes:
@@ -20,7 +23,7 @@ def default_layer(model: Any, eval_nodes: list[str]) -> str:
     return eval_nodes[pos - 1]
 
 
-def resolve_layer(model: Any, layer: str | None) -> str:
+def resolve_layer(model: torch.nn.Module, layer: str | None) -> str:
     from torchvision.models.feature_extraction import get_graph_node_names
 
     try:
@@ -36,7 +39,7 @@ def resolve_layer(model: Any, layer: str | None) -> str:
     return layer
 
 
-def feature_net(spec: ModelSpec, model: Any) -> tuple[str, Any]:
+def feature_net(spec: ModelSpec, model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     """(layer, network returning {"feat": tensor}): a torchvision FX feature extractor at the layer, or for timm
     models their pooled pre-logits (or an FX node with --layer)."""
     if is_timm(spec.name):
@@ -47,7 +50,7 @@ def feature_net(spec: ModelSpec, model: Any) -> tuple[str, Any]:
     return layer, create_feature_extractor(model, return_nodes={layer: "feat"}).eval()
 
 
-def pool_features(x: Any, pool: str, gem_p: float = 3.0) -> Any:
+def pool_features(x: torch.Tensor, pool: str, gem_p: float = 3.0) -> torch.Tensor:
     """Reduce a feature map (N,C,H,W) or token sequence (N,L,C) to (N,D); a (N,D) tensor passes through."""
     if x.ndim == 2:
         return x

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from featshard.store.inputs import InputSource, Item, iter_items
 from featshard.store.webdataset import TarMember
 from featshard.extract.preprocess import Preprocess
 from featshard.system import CpuBudget, cpu_budget
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("featshard.extract.loader")
 PREFETCH = 4  # batches each loader process keeps ready (the DataLoader's prefetch_factor)
@@ -77,7 +80,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
     )
 
 
-def stack_pixels(arrays: list[np.ndarray]) -> Any:
+def stack_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
     """The arrays stacked into one uint8 tensor. In a loader process the tensor is allocated in shared memory and
     filled in place, the way torch's default_collate does, so handing it to the worker sends a file descriptor and
     copies nothing; otherwise torch would copy the batch into shared memory while pickling it, on the queue's feeder

@@ -7,12 +7,15 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from featshard.errors import FeatshardError, UsageError
 from featshard.system import sha256_file
 from featshard.extract.preprocess import Preprocess, from_transforms
 from featshard.extract.timmmodels import build_timm, check_timm_name, is_timm, timm_identity, timm_preprocess
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("featshard.extract.models")
 POOLS = ("avg", "max", "gem")
@@ -142,7 +145,7 @@ def _local_capabilities() -> list[tuple[int, int]]:
     return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]  # type: ignore
 
 
-def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
+def build_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
     """The torchvision (or timm) model with its weights loaded, in eval mode. On `device="meta"` (the coordinator's
     probe) nothing is allocated or computed, but a weights file is still read and checked against the model's
     shapes."""
@@ -198,7 +201,7 @@ def _download_default(name: str) -> dict[str, Any]:
         ) from exc
 
 
-def _from_file(name: str, path: str) -> Any:
+def _from_file(name: str, path: str) -> torch.nn.Module:
     import torch
     import torchvision
 
@@ -253,7 +256,7 @@ def _classifier_outputs(model: Any, state: dict[str, Any]) -> int | None:
     return int(weight.shape[0])
 
 
-def last_linear(model: Any) -> str:
+def last_linear(model: torch.nn.Module) -> str:
     import torch
 
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -17,10 +17,13 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from featshard.errors import FeatshardError, UsageError
 from featshard.extract.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX = "timm:"
 HEAD_LAYER = "pre_logits"  # the default feature: forward_head(..., pre_logits=True)
@@ -58,7 +61,7 @@ def check_timm_name(name: str) -> None:
                              f"{', '.join(PREFIX + c for c in close)}") from None
 
 
-def _meta_model(name: str) -> Any:
+def _meta_model(name: str) -> torch.nn.Module:
     """The model built on the meta device (no memory, no init): enough for its configs."""
     import torch
 
@@ -72,7 +75,7 @@ def _meta_model(name: str) -> Any:
 
 def pretrained_tag(name: str) -> str:
     """`architecture.tag` of the pretrained config in use (timm's default tag when the name gives none)."""
-    cfg = _meta_model(name).pretrained_cfg
+    cfg = pretrained_cfg(_meta_model(name))
     return f"{cfg.get('architecture')}.{cfg.get('tag')}" if cfg.get("tag") else str(cfg.get("architecture"))
 
 
@@ -104,7 +107,7 @@ def timm_identity(name: str) -> str:
     return f"timm:{pretrained_tag(name)}"
 
 
-def build_timm(name: str, weights: str, seed: int, device: str = "cpu") -> Any:
+def build_timm(name: str, weights: str, seed: int, device: str = "cpu") -> torch.nn.Module:
     """The timm model without its classifier, weights loaded, in eval mode, on `device` ("meta": nothing allocated,
     but the weights are still found and checked against the model's shapes)."""
     import warnings
@@ -129,7 +132,7 @@ def _pretrained(name: str) -> Any:
     downloaded; offline without it, a FeatshardError naming the tag at once (not after the hub's minute of
     retries)."""
     timm = _timm()
-    full, cfg = name[len(PREFIX):], _meta_model(name).pretrained_cfg
+    full, cfg = name[len(PREFIX):], pretrained_cfg(_meta_model(name))
     tag = pretrained_tag(name)
     cached = _hub_cached_file(cfg)
     try:
@@ -177,7 +180,7 @@ def _check_hub_reachable(tag: str) -> None:
                              f"{url.hostname} cannot be reached ({exc}): offline? {_OFFLINE_HINT}") from exc
 
 
-def load_file(model: Any, path: str, name: str) -> None:
+def load_file(model: torch.nn.Module, path: str, name: str) -> None:
     """Load a safetensors or PyTorch file (a state_dict or a checkpoint holding one, read by timm's
     `load_state_dict`: EMA weights first, `module.` prefixes removed) into `model` strictly, except for classifier
     weights (dropped)."""
@@ -185,7 +188,7 @@ def load_file(model: Any, path: str, name: str) -> None:
         raise UsageError(f"--weights {path!r}: no such readable file (use DEFAULT, none, or a local file)")
     state = _read_safetensors(path) if _is_safetensors(path) else _read_torch(path)
     own = set(model.state_dict())
-    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = pretrained_cfg(model).get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     state = {k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
     try:
@@ -225,22 +228,37 @@ def _read_torch(path: str) -> dict[str, Any]:
     return state
 
 
-def head_net(model: Any) -> Any:
+class _TimmNet(Protocol):
+    """What featshard calls on a timm model besides nn.Module's methods."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+def pretrained_cfg(model: torch.nn.Module) -> dict[str, Any]:
+    """timm's pretrained config of a model (a dict on every timm model)."""
+    cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+    return cfg
+
+
+def head_net(model: torch.nn.Module) -> torch.nn.Module:
     """The default feature network: `{"feat": forward_head(forward_features(x), pre_logits=True)}`."""
     import torch
 
     class TimmPreLogits(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
+        def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.model = inner
 
-        def forward(self, x: Any) -> dict[str, Any]:
-            return {"feat": self.model.forward_head(self.model.forward_features(x), pre_logits=True)}
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            model = cast(_TimmNet, self.model)
+            return {"feat": model.forward_head(model.forward_features(x), pre_logits=True)}
 
     return TimmPreLogits(model)
 
 
-def timm_feature_net(model: Any, layer: str | None) -> tuple[str, Any]:
+def timm_feature_net(model: torch.nn.Module, layer: str | None) -> tuple[str, torch.nn.Module]:
     """(layer name, network returning {"feat": ...}): the pre-logits by default, else the FX node `layer`."""
     if layer in (None, HEAD_LAYER):
         return HEAD_LAYER, head_net(model).eval()
