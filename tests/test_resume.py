@@ -124,12 +124,15 @@ def extracting(out: Path) -> bool:
     return len(prog) == 2 and any(p.get("stage") == "extracting" for p in prog.values())
 
 
-def mid_chunks(out: Path, before: int, per_shard: int = ROWS // 2) -> Callable[[], bool]:
-    """True once more than `before` rows are durable and a shard is between chunks (some of its rows durable, not
-    all). A shard may already be finished: one worker can do its 12 rows before the other has started."""
+def mid_chunks(out: Path, before: int, per_shard: int = ROWS // 2, finished_ok: bool = False) -> Callable[[], bool]:
+    """True once more than `before` rows are durable and no shard is finished yet; with `finished_ok`, once a shard
+    is between chunks (some of its rows durable, not all) whether or not the other one is finished (one worker can
+    do its 12 rows before the other has started)."""
     def reached() -> bool:
         done = durable(out, per_shard)
-        return sum(done.values()) > before and any(0 < n < per_shard for n in done.values())
+        if finished_ok:
+            return sum(done.values()) > before and any(0 < n < per_shard for n in done.values())
+        return sum(done.values()) > before and all(n < per_shard for n in done.values())
     return reached
 
 
@@ -142,7 +145,7 @@ def test_kill_whole_tree_at_several_points_then_rerun_equals_clean_run(reference
     for point in ("model loaded", "mid-chunks"):
         proc = start(run_args(lst, out))
         wait_for(point, (lambda: extracting(out)) if point == "model loaded" else mid_chunks(out, sum(
-            durable(out).values())), proc)
+            durable(out).values()), finished_ok=True), proc)
         kill_tree(proc)
         at_kill, done = durable(out), {k: v.get("rows_done", 0) for k, v in progress(out).items()}
         for name, rows in at_kill.items():
