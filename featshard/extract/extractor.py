@@ -94,7 +94,8 @@ class Extractor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has one shape (padded): tuned once
         self.layer, self.net = feature_net(spec, build_model(spec))
-        self.net = self.net.to(self.device).to(memory_format=torch.channels_last)
+        # torch's stubs lack Module.to(device, memory_format=...), which it accepts: one conversion of the weights
+        self.net = self.net.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.dim = int(self(np.zeros((1, prep.crop, prep.crop, 3), np.uint8)).shape[1])  # on a GPU: a full batch

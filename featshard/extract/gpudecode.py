@@ -129,7 +129,7 @@ def resize_crop(x: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     return x.round_().clamp_(0, 255)
 
 
-def _decode_call(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _decode_call(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -146,8 +146,7 @@ def device_decode(datas: list[torch.Tensor], device: torch.device) -> list[torch
     if not datas:
         return []
     try:
-        decoded: list[torch.Tensor | None] = [*_decode_call(datas, device)]
-        return decoded
+        return _decode_call(datas, device)
     except Exception as exc:  # noqa: BLE001 - a damaged file fails the whole call
         if len(datas) == 1:
             log.debug("device decode failed: %s", exc)
