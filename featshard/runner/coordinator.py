@@ -35,6 +35,7 @@ from featshard.runner.worker import finished_result
 from featshard.store.atomic import TMP_MARK, write_json_atomic
 from featshard.store.locks import RunLock
 from featshard.store.plan import Shard, plan_shards
+from featshard.store.progress import mark_stopped
 from featshard.store.rundir import RunDir
 from featshard.store.shards import is_complete
 from featshard.system import cores
@@ -166,7 +167,10 @@ def execute(specs: list[ShardSpec], config: RunConfig, processes: int, stop: Sto
         except BaseException:
             t = time.monotonic()
             backend.terminate()
-            log.info("workers stopped (%.1f s)", time.monotonic() - t)
+            killed = [s.shard.name for s in todo if mark_stopped(s.run_dir, s.shard.name, "killed: it did not stop "
+                                                                  "within the grace period after the stop")]
+            log.info("workers stopped (%.1f s)%s", time.monotonic() - t,
+                     f"; killed before they could unwind: {', '.join(killed)}" if killed else "")
             raise
         finally:
             stop.polling = False

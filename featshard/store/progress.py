@@ -11,6 +11,7 @@ from typing import Any
 
 from featshard.store.atomic import write_json_atomic
 from featshard.store.rundir import RunDir
+from featshard.system import pid_alive
 
 
 def read_progress(run_dir: str | os.PathLike[str], shard_name: str) -> dict[str, Any] | None:
@@ -18,6 +19,21 @@ def read_progress(run_dir: str | os.PathLike[str], shard_name: str) -> dict[str,
         return json.loads(RunDir(run_dir).progress(shard_name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def mark_stopped(run_dir: str | os.PathLike[str], shard_name: str, why: str) -> bool:
+    """A worker that was killed before it could say so (it did not unwind within the stop's grace period): its
+    progress file, still "starting"/"running"/"finalizing" with a pid that is gone on this host, is rewritten as
+    "stopped" with `why`. Returns whether it was."""
+    progress = read_progress(run_dir, shard_name)
+    if not progress or progress.get("state") not in ("starting", "running", "finalizing"):
+        return False
+    pid = progress.get("pid")
+    if progress.get("host") != socket.gethostname() or not isinstance(pid, int) or pid_alive(pid):
+        return False
+    progress.update(state="stopped", error=why, updated=time.time())
+    write_json_atomic(RunDir(run_dir).progress(shard_name), progress)
+    return True
 
 
 RATE_WINDOW = 60.0  # seconds: `images_per_s` is the rate over the last minute
